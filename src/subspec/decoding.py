@@ -1,0 +1,96 @@
+"""Decoding loops. Each yields lists of newly committed token ids; generate.py adds the
+stopping rules, text and statistics that every method shares.
+
+Convention: the KV cache holds every committed token except the last one (`pending`), which
+is the next input: the vanilla step's token, or the root of a speculative tree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SamplingConfig, SpecConfig
+from .model import causal_mask
+from .sampling import choose
+from .tree import build_tree
+from .verify import walk
+
+
+@dataclass
+class DecodeStats:
+    """Counters a decoding loop fills in as it goes."""
+
+    target_forwards: int = 0  # decode phase only
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+
+
+def prefill(target, prompt: list[int], chunk: int) -> torch.Tensor:
+    """Run the prompt through the target in chunks; returns the last position's logits [V]."""
+    cache = target.cache
+    for start in range(0, len(prompt), chunk):
+        ids = torch.tensor(prompt[start : start + chunk], dtype=torch.long, device=target.device)
+        t = ids.numel()
+        pos = torch.arange(start, start + t, device=target.device)
+        hidden = target.forward(ids, pos, pos, causal_mask(start, t, target.device), start + t)
+    cache.length = len(prompt)
+    return target.model.logits(hidden[-1:])[0]
+
+
+def vanilla(
+    target, prompt: list[int], sampling: SamplingConfig, gen, stats: DecodeStats, chunk: int
+) -> Iterator[list[int]]:
+    """Plain autoregressive decoding: one target pass per token."""
+    t0 = time.perf_counter()
+    pending = choose(prefill(target, prompt, chunk), sampling, gen)
+    stats.prefill_s = time.perf_counter() - t0
+    cache, device = target.cache, target.device
+    while True:
+        yield [pending]
+        slot = torch.tensor([cache.length], device=device)
+        tok = torch.tensor([pending], device=device)
+        hidden = target.forward(tok, slot, slot, None, cache.length + 1)
+        stats.target_forwards += 1
+        cache.length += 1
+        pending = choose(target.model.logits(hidden)[0], sampling, gen)
+
+
+def speculative(
+    target, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
+    gen, stats: DecodeStats, chunk: int,
+) -> Iterator[list[int]]:  # fmt: skip
+    """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token."""
+    t0 = time.perf_counter()
+    pending = choose(prefill(target, prompt, chunk), sampling, gen)
+    drafter.prefill(prompt, chunk)
+    stats.prefill_s = time.perf_counter() - t0
+    cache, device = target.cache, target.device
+    yield [pending]
+    while True:
+        start = cache.length
+        t0 = time.perf_counter()
+        tree = build_tree(
+            pending, start, spec.depth, spec.width, spec.draft_temperature, drafter.step, device
+        )
+        t1 = time.perf_counter()
+        hidden = target.forward(
+            tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
+            start + tree.size,
+        )  # fmt: skip
+        path, bonus = walk(tree, target.model.logits(hidden), sampling, gen)
+        stats.draft_s += t1 - t0
+        stats.verify_s += time.perf_counter() - t1
+        stats.target_forwards += 1
+        stats.accept_lengths.append(len(path))
+        src = torch.tensor(path, dtype=torch.long, device=device) + start
+        cache.compact(src, start + 1)
+        drafter.commit(src, start + 1)
+        cache.length = start + 1 + len(path)
+        pending = bonus
+        yield tree.tokens[path].tolist() + [bonus]

@@ -1,0 +1,52 @@
+"""A static key/value cache: allocated once, written by slot index, compacted after a tree."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for up to `capacity` slots.
+
+    Slots [0, length) hold committed tokens. Speculative rounds write tree tokens after
+    `length`; `compact` then moves the accepted ones into place and `length` grows.
+    """
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, capacity, dtype, device):
+        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, Hkv, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, Hkv, S, D]
+        self.capacity = capacity
+        self.length = 0
+
+    @staticmethod
+    def nbytes_for(num_layers, num_kv_heads, head_dim, capacity, dtype) -> int:
+        """Bytes a cache of this shape occupies (for the memory planner)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * capacity * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([Hkv, T, D]) of one layer at `slots` ([T])."""
+        self.k[layer].index_copy_(1, slots, k)
+        self.v[layer].index_copy_(1, slots, v)
+
+    def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first kv_len slots of one layer: two [Hkv, kv_len, D] views."""
+        return self.k[layer, :, :kv_len], self.v[layer, :, :kv_len]
+
+    def compact(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        """Move slots `src_slots` ([n], increasing) to dst_start.. in every layer."""
+        n = src_slots.numel()
+        if n == 0:
+            return
+        dst = slice(dst_start, dst_start + n)
+        self.k[:, :, dst] = self.k.index_select(2, src_slots)
+        self.v[:, :, dst] = self.v.index_select(2, src_slots)
+
+    def trim(self, length: int) -> None:
+        """Forget everything from slot `length` on."""
+        self.length = min(self.length, length)

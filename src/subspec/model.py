@@ -1,0 +1,116 @@
+"""The Llama-family decoder forward pass (Llama, Mistral, Qwen2/2.5, Qwen3) in plain PyTorch.
+
+The forward takes everything explicitly: token ids, RoPE positions, the cache slots to write,
+an attention mask over the cache, and the source of layer weights. Tree verification and
+tree drafting are ordinary calls with a tree mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .layers import LayerSource, LayerWeights, Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as the reference implementation does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, max_positions: int, dtype, device):
+    """cos, sin tables [max_positions, D] for rotate-half RoPE."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return emb.cos().to(dtype=dtype, device=device), emb.sin().to(dtype=dtype, device=device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, D]; cos, sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Embedding:
+    """Token embeddings, either resident or read row by row from the checkpoint's file."""
+
+    def __init__(self, weight: torch.Tensor | None = None, mapped=None, dtype=None, device=None):
+        self.weight = weight  # [V, H] resident, or None
+        self.mapped = mapped  # (np.memmap [V, H], stored torch dtype) or None
+        self.dtype, self.device = dtype, device
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight[tokens]
+        rows, stored = self.mapped
+        picked = torch.from_numpy(np.ascontiguousarray(rows[tokens.cpu().numpy()]))
+        if stored == torch.bfloat16:
+            picked = picked.view(torch.bfloat16)
+        return picked.to(dtype=self.dtype, device=self.device)  # [T, H]
+
+
+class Model:
+    """Embedding, final norm and LM head of a decoder; the layers come from a LayerSource."""
+
+    def __init__(self, cfg, embed, final_norm, lm_head: Linear, dtype, device, max_positions):
+        self.cfg = cfg
+        self.embed = embed
+        self.final_norm = final_norm  # [H]
+        self.lm_head = lm_head
+        self.dtype, self.device = dtype, device
+        self.cos, self.sin = rope_tables(cfg, max_positions, dtype, device)
+
+    def forward(
+        self,
+        layers: LayerSource,
+        cache: KVCache,
+        tokens: torch.Tensor,  # [T] token ids
+        positions: torch.Tensor,  # [T] RoPE positions
+        slots: torch.Tensor,  # [T] cache slots to write
+        mask: torch.Tensor | None,  # [T, kv_len] bool, True = attend; None = attend to all
+        kv_len: int,
+    ) -> torch.Tensor:
+        """Run the decoder; returns final hidden states [T, H] (before the final norm)."""
+        x = self.embed(tokens)  # [T, H]
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        attn_mask = None if mask is None else mask[None]  # [1, T, kv_len]
+        for i, w in layers:
+            x = self._layer(i, w, x, cos, sin, cache, slots, attn_mask, kv_len)
+        return x
+
+    def logits(self, hidden: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:
+        """fp32 logits [T, V] from hidden states [T, H]."""
+        h = rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
+        return (lm_head or self.lm_head)(h).float()
+
+    def _layer(self, i, w: LayerWeights, x, cos, sin, cache, slots, attn_mask, kv_len):
+        cfg = self.cfg
+        t, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = w.qkv(rms_norm(x, w.attn_norm, cfg.rms_norm_eps))  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.view(t, hq + 2 * hkv, d).transpose(0, 1).split([hq, hkv, hkv])
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [Hq|Hkv, T, D]
+        cache.write(i, slots, k, v)
+        keys, values = cache.view(i, kv_len)  # [Hkv, kv_len, D]
+        attn = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=hq != hkv
+        )  # [1, Hq, T, D]
+        x = x + w.o(attn[0].transpose(0, 1).reshape(t, hq * d))
+        gate, up = w.gate_up(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)).chunk(2, dim=-1)
+        return x + w.down(F.silu(gate) * up)
+
+
+def causal_mask(start: int, t: int, device) -> torch.Tensor:
+    """[t, start + t] bool mask for t new tokens after `start` committed ones."""
+    q = torch.arange(start, start + t, device=device)[:, None]
+    return torch.arange(start + t, device=device)[None, :] <= q

@@ -1,0 +1,104 @@
+"""The memory planner: model sizes and a budget in, a placement out. Pure, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .config import format_size
+from .errors import SubspecError
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of each part of a model in fast memory, at the compute dtype."""
+
+    num_layers: int
+    layer_bytes: int  # one decoder layer, full precision
+    substitute_bytes: int  # one decoder layer's low-bit substitute (0: no substitutes)
+    embed_bytes: int
+    lm_head_bytes: int  # 0 when tied to the embeddings
+    norm_bytes: int  # final norm
+    kv_bytes: int  # the KV cache for the whole context
+    extra_bytes: int = 0  # anything else that must be resident (e.g. a classic draft model)
+
+
+@dataclass
+class Placement:
+    """What lives in fast memory and what streams from the slow tier on every pass."""
+
+    budget_bytes: int | None
+    resident_layers: list[int]
+    streamed_layers: list[int]
+    embed_resident: bool
+    n_buffers: int
+    buffer_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes in fast memory
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.breakdown.values())
+
+    @property
+    def streams(self) -> bool:
+        return bool(self.streamed_layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["resident_bytes"] = self.resident_bytes
+        return d
+
+    def summary(self) -> str:
+        """A few human-readable lines for --verbose."""
+        n = len(self.resident_layers) + len(self.streamed_layers)
+        lines = [
+            f"placement: {len(self.resident_layers)}/{n} decoder layers resident, "
+            f"{len(self.streamed_layers)} streamed through {self.n_buffers} buffers "
+            f"of {format_size(self.buffer_bytes)}",
+            "  fast memory: "
+            + ", ".join(f"{k} {format_size(v)}" for k, v in self.breakdown.items() if v),
+        ]
+        total = f"  total {format_size(self.resident_bytes)}"
+        if self.budget_bytes is not None:
+            left = self.budget_bytes - self.resident_bytes
+            total += f" of budget {format_size(self.budget_bytes)} ({format_size(left)} left)"
+        lines.append(total)
+        return "\n".join(lines)
+
+
+def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement:
+    """Place layers: as many resident as the budget allows, the rest streamed.
+
+    When the model streams, embedding rows are read from the checkpoint on demand (unless the
+    embeddings are the tied LM head, which is resident anyway): a resident layer saves a
+    transfer on every pass, a resident embedding table saves almost nothing.
+    """
+    everything = _breakdown(sizes, sizes.num_layers, 0, True)
+    if budget is None or sum(everything.values()) <= budget:
+        return Placement(budget, list(range(sizes.num_layers)), [], True, 0, 0, everything)
+    for resident in range(sizes.num_layers - 1, -1, -1):
+        parts = _breakdown(sizes, resident, n_buffers, sizes.lm_head_bytes == 0)
+        if sum(parts.values()) <= budget:
+            layers = list(range(sizes.num_layers))
+            return Placement(
+                budget, layers[:resident], layers[resident:], sizes.lm_head_bytes == 0,
+                n_buffers, sizes.layer_bytes, parts,
+            )  # fmt: skip
+    minimum = sum(_breakdown(sizes, 0, n_buffers, sizes.lm_head_bytes == 0).values())
+    raise SubspecError(
+        f"memory budget {format_size(budget)} is below this model's minimum of "
+        f"{format_size(minimum)} ({minimum} bytes) with these settings"
+    )
+
+
+def _breakdown(sizes: ModelSizes, resident: int, n_buffers: int, embed: bool) -> dict[str, int]:
+    streamed = sizes.num_layers - resident
+    return {
+        "resident_layers": resident * sizes.layer_bytes,
+        "substitutes": streamed * sizes.substitute_bytes,
+        "staging_buffers": n_buffers * sizes.layer_bytes if streamed else 0,
+        "embeddings": sizes.embed_bytes if embed and sizes.lm_head_bytes else 0,
+        "lm_head": sizes.lm_head_bytes or sizes.embed_bytes,
+        "norms": sizes.norm_bytes,
+        "kv_cache": sizes.kv_bytes,
+        "extra": sizes.extra_bytes,
+    }

@@ -1,0 +1,79 @@
+"""The draft token tree as data, and the level-by-level builder that grows it.
+
+Node 0 is the root: the last committed token, not yet in the cache. Node j lives in cache
+slot `start + j` during a round; its RoPE position is `start + depth[j]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Tree:
+    """A flattened tree of n nodes, parents before children."""
+
+    tokens: torch.Tensor  # [n] token ids
+    parents: torch.Tensor  # [n] parent node index, -1 for the root
+    depths: torch.Tensor  # [n] 0 for the root
+    ancestors: torch.Tensor  # [n, n] bool: ancestors[i, j] = j is i or an ancestor of i
+
+    @property
+    def size(self) -> int:
+        return self.tokens.numel()
+
+    def positions(self, start: int) -> torch.Tensor:
+        return start + self.depths
+
+    def slots(self, start: int) -> torch.Tensor:
+        return start + torch.arange(self.size, device=self.tokens.device)
+
+    def mask(self, start: int) -> torch.Tensor:
+        """[n, start + n] bool: every node sees the prefix, its ancestors and itself."""
+        prefix = torch.ones(self.size, start, dtype=torch.bool, device=self.tokens.device)
+        return torch.cat([prefix, self.ancestors], dim=1)
+
+
+# A draft forward: (tokens [t], positions [t], slots [t], mask [t, kv_len], kv_len) -> logits [t, V]
+DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def build_tree(
+    root: int, start: int, depth: int, width: int, temperature: float, step: DraftStep, device
+) -> Tree:
+    """Grow a tree by drafting level by level and keeping the global top-`width` paths.
+
+    Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
+    """
+    n_max = 1 + depth * width
+    tokens = torch.empty(n_max, dtype=torch.long, device=device)
+    parents = torch.full((n_max,), -1, dtype=torch.long, device=device)
+    depths = torch.zeros(n_max, dtype=torch.long, device=device)
+    anc = torch.zeros(n_max, n_max, dtype=torch.bool, device=device)
+    tokens[0], anc[0, 0] = root, True
+    frontier = torch.zeros(1, dtype=torch.long, device=device)  # node indices being expanded
+    scores = torch.zeros(1, dtype=torch.float32, device=device)  # their path log-probs
+    n = 1
+    for d in range(depth):
+        kv_len = start + n
+        mask = torch.cat(
+            [
+                torch.ones(frontier.numel(), start, dtype=torch.bool, device=device),
+                anc[frontier, :n],
+            ],
+            dim=1,
+        )  # fmt: skip  [f, start + n]
+        logits = step(tokens[frontier], start + depths[frontier], start + frontier, mask, kv_len)
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [f, V]
+        cand = (scores[:, None] + logp).flatten()  # [f * V]
+        scores, flat = torch.topk(cand, width)
+        new = torch.arange(n, n + width, device=device)
+        parent = frontier[flat // logp.shape[-1]]
+        tokens[new], parents[new], depths[new] = flat % logp.shape[-1], parent, d + 1
+        anc[new] = anc[parent]
+        anc[new, new] = True
+        frontier, n = new, n + width
+    return Tree(tokens[:n], parents[:n], depths[:n], anc[:n, :n])

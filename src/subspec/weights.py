@@ -1,0 +1,157 @@
+"""Preparing weights for a placement: resident layers, per-layer files for streaming, and the
+low-bit substitutes, the last two cached on disk and keyed by the checkpoint's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from . import quant
+from .checkpoint import Checkpoint, layer_tensors
+from .config import ModelConfig
+from .layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
+from .offload.layer_file import (
+    align_up,
+    layer_path,
+    read_manifest,
+    tensors_from_buffer,
+    write_layer_file,
+)
+from .offload.prefetch import Prefetcher
+
+NORM_NAMES = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
+
+
+def fingerprint(ckpt: Checkpoint) -> str:
+    """A short hash of the checkpoint's files (names, sizes, safetensors headers)."""
+    h = hashlib.sha256()
+    for path in sorted(set(ckpt.file_of.values())):
+        h.update(path.name.encode())
+        h.update(str(path.stat().st_size).encode())
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 1 << 24)))
+    return h.hexdigest()[:16]
+
+
+def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one decoder layer as a staging buffer holds it (4096-aligned tensors)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    numels = [cfg.qkv_out * h, h * cfg.num_heads * cfg.head_dim, 2 * f * h, h * f, h, h]
+    numels += [cfg.qkv_out] if cfg.qkv_bias else []
+    numels += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
+    return sum(align_up(n * item) for n in numels)
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each fused linear map of a layer."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "qkv": (cfg.qkv_out, h),
+        "o": (h, cfg.num_heads * cfg.head_dim),
+        "gate_up": (2 * f, h),
+        "down": (h, f),
+    }
+
+
+def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> int:
+    """Bytes of one layer's substitute: quantized linears plus full-precision norms and bias."""
+    item = torch.empty((), dtype=dtype).element_size()
+    linears = sum(
+        quant.quantized_nbytes(o, i, bits, group_size) for o, i in linear_shapes(cfg).values()
+    )
+    extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
+    return linears + extras * item
+
+
+def load_resident(ckpt, cfg, layers, dtype, device) -> dict[int, LayerWeights]:
+    """Full-precision layers held in fast memory."""
+    return {
+        i: dense_layer({k: v.to(device) for k, v in layer_tensors(ckpt, cfg, i, dtype).items()})
+        for i in layers
+    }
+
+
+def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
+    """Write the per-layer files of `layers` once; returns {layer: manifest}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    manifests, missing = {}, []
+    for i in layers:
+        try:
+            manifests[i] = read_manifest(layer_path(directory, i))
+        except Exception:  # absent, truncated or stale: rewrite it
+            missing.append(i)
+    task = progress and missing and progress.add_task("writing layer files", total=len(missing))
+    for i in missing:
+        manifests[i] = write_layer_file(
+            layer_path(directory, i), layer_tensors(ckpt, cfg, i, dtype)
+        )
+        if task is not None and progress:
+            progress.advance(task)
+    return manifests
+
+
+def load_substitutes(ckpt, cfg, layers, dtype, device, bits, group_size, path, progress):
+    """Low-bit substitutes of `layers`, from the cache at `path` or quantized now and cached."""
+    meta = {"layers": ",".join(map(str, layers)), "bits": str(bits), "group_size": str(group_size),
+            "dtype": str(dtype)}  # fmt: skip
+    cached = quant.load_quantized(path, meta)
+    if cached is None:
+        cached = _quantize_layers(ckpt, cfg, layers, dtype, bits, group_size, progress)
+        quant.save_quantized(path, cached, meta)
+    subs = {}
+    for i in layers:
+        tensors = {k: v.to(device) for k, v in _norms(ckpt, cfg, i, dtype).items()}
+        linears = {name: cached[f"{i}.{name}"].to(device) for name in LINEAR_NAMES}
+        subs[i] = substitute_layer(tensors, linears)
+    return subs
+
+
+def _quantize_layers(ckpt, cfg, layers, dtype, bits, group_size, progress):
+    task = progress and progress.add_task(f"quantizing {len(layers)} layers to {bits}-bit",
+                                          total=len(layers))  # fmt: skip
+    out = {}
+    for i in layers:
+        t = layer_tensors(ckpt, cfg, i, dtype)
+        for name in LINEAR_NAMES:
+            out[f"{i}.{name}"] = quant.quantize_linear(
+                t[f"{name}.weight"], t.get(f"{name}.bias"), bits=bits, group_size=group_size,
+                compute_dtype=dtype,
+            )  # fmt: skip
+        if task is not None and progress:
+            progress.advance(task)
+    return out
+
+
+def _norms(ckpt, cfg, i, dtype) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{i}."
+    t = {
+        "attn_norm": ckpt.get(p + "input_layernorm.weight", dtype),
+        "mlp_norm": ckpt.get(p + "post_attention_layernorm.weight", dtype),
+    }
+    if cfg.qk_norm:
+        t["q_norm"] = ckpt.get(p + "self_attn.q_norm.weight", dtype)
+        t["k_norm"] = ckpt.get(p + "self_attn.k_norm.weight", dtype)
+    return t
+
+
+class StreamedLayers:
+    """Target layers that live in the slow tier: each use waits for its bytes in a buffer."""
+
+    def __init__(self, prefetcher: Prefetcher, manifests: dict):
+        self.prefetcher, self.manifests = prefetcher, manifests
+        self.bytes_used = 0  # bytes of layers consumed by forward passes
+
+    @contextmanager
+    def layer(self, i: int):
+        buf = self.prefetcher.acquire(i)
+        try:
+            self.bytes_used += self.manifests[i].total_bytes
+            yield dense_layer(tensors_from_buffer(buf, self.manifests[i]))
+        finally:
+            self.prefetcher.release(i)
