@@ -1,0 +1,175 @@
+"""Unit tests on tiny tensors: KV compaction, tree masks and positions, the verifier's walk,
+sampling filters, the planner and size parsing."""
+
+import pytest
+import torch
+
+from subspec.config import SamplingConfig, SpecConfig, parse_size
+from subspec.errors import SubspecError
+from subspec.kv_cache import KVCache
+from subspec.planner import ModelSizes, plan
+from subspec.sampling import apply_top_k, apply_top_p, target_probs
+from subspec.tree import Tree, build_tree
+from subspec.verify import walk
+
+
+def test_kv_compact_moves_accepted_slots_in_every_layer():
+    cache = KVCache(2, 1, 2, 10, torch.float32, "cpu")
+    cache.k[:, 0, :, 0] = torch.arange(10.0)
+    cache.v[:, 0, :, 1] = -torch.arange(10.0)
+    cache.compact(torch.tensor([5, 7, 9]), 3)
+    assert cache.k[1, 0, :6, 0].tolist() == [0, 1, 2, 5, 7, 9]
+    assert cache.v[0, 0, :6, 1].tolist() == [0, -1, -2, -5, -7, -9]
+
+
+def test_kv_compact_overlapping_ranges():
+    cache = KVCache(1, 1, 1, 8, torch.float32, "cpu")
+    cache.k[0, 0, :, 0] = torch.arange(8.0)
+    cache.compact(torch.tensor([3, 4, 5]), 2)  # destination overlaps the sources
+    assert cache.k[0, 0, :5, 0].tolist() == [0, 1, 3, 4, 5]
+
+
+def _chain_step(vocab: int, favourite):
+    """A fake draft: next token = favourite(prev) with high probability, then prev+1."""
+
+    def step(tokens, positions, slots, mask, kv_len):
+        logits = torch.full((tokens.numel(), vocab), -10.0)
+        for r, t in enumerate(tokens.tolist()):
+            logits[r, favourite(t) % vocab] = 5.0
+            logits[r, (t + 1) % vocab] = 3.0
+        return logits
+
+    return step
+
+
+def test_build_tree_shapes_masks_and_positions():
+    tree = build_tree(2, 10, depth=3, width=2, temperature=1.0,
+                      step=_chain_step(8, lambda t: t * 2), device="cpu")  # fmt: skip
+    assert tree.size == 7
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 3]
+    assert tree.positions(10).tolist() == [10, 11, 11, 12, 12, 13, 13]
+    assert tree.slots(10).tolist() == list(range(10, 17))
+    # best path: 2 -> 4 -> 8%8=0 -> 0; second branch at depth 1 is 3
+    assert tree.tokens[:3].tolist() == [2, 4, 3]
+    mask = tree.mask(10)
+    assert mask.shape == (7, 17) and mask[:, :10].all()
+    for i in range(7):  # each node sees exactly its ancestors and itself
+        chain, j = set(), i
+        while j >= 0:
+            chain.add(j)
+            j = int(tree.parents[j])
+        assert set(torch.nonzero(mask[i, 10:]).flatten().tolist()) == chain
+
+
+def test_build_tree_passes_ancestor_masks_to_the_draft():
+    seen = []
+
+    def step(tokens, positions, slots, mask, kv_len):
+        seen.append((tokens.clone(), positions.clone(), slots.clone(), mask.clone(), kv_len))
+        return torch.randn(tokens.numel(), 16)
+
+    build_tree(1, 4, depth=3, width=3, temperature=0.5, step=step, device="cpu")
+    assert [s[4] for s in seen] == [5, 8, 11]
+    assert seen[1][1].tolist() == [5, 5, 5] and seen[1][2].tolist() == [5, 6, 7]
+    assert seen[1][3].shape == (3, 8) and seen[1][3][:, 4].all()  # all see the root
+
+
+def _tree(tokens, parents):
+    n = len(tokens)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    depths = [0] * n
+    for i, p in enumerate(parents):
+        anc[i, i] = True
+        if p >= 0:
+            anc[i] |= anc[p]
+            depths[i] = depths[p] + 1
+    return Tree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), anc)
+
+
+def _onehot(rows, vocab=4):
+    logits = torch.zeros(len(rows), vocab)
+    for i, t in enumerate(rows):
+        logits[i, t] = 10.0
+    return logits
+
+
+def test_walk_greedy_follows_target_and_returns_bonus():
+    # root(0) -> a:1 (node1), b:2 (node2); node1 -> 3 (node3)
+    tree = _tree([0, 1, 2, 3], [-1, 0, 0, 1])
+    greedy = SamplingConfig()
+    assert walk(tree, _onehot([1, 3, 0, 2]), greedy, None) == ([1, 3], 2)
+    assert walk(tree, _onehot([2, 0, 1, 0]), greedy, None) == ([2], 1)
+    assert walk(tree, _onehot([3, 0, 0, 0]), greedy, None) == ([], 3)
+
+
+def test_walk_sampling_is_the_target_distribution():
+    tree = _tree([0, 1, 2], [-1, 0, 0])
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 3))
+    cfg = SamplingConfig(temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    first = torch.zeros(4)
+    for _ in range(4000):
+        path, bonus = walk(tree, logits, cfg, gen)
+        first[tree.tokens[path[0]] if path else bonus] += 1
+    assert torch.allclose(first / 4000, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)[0]  # 0.09, 0.66, 0.24, 0.03
+    kept = ~torch.isinf(apply_top_p(logits, 0.7))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert probs[1] < 0.7
+    p = target_probs(logits, SamplingConfig(temperature=0.5, top_k=3))
+    assert p[0, 3] == 0 and abs(float(p.sum()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)]
+)
+def test_invalid_sampling_values(kw):
+    with pytest.raises(SubspecError):
+        SamplingConfig(**kw)
+
+
+def test_invalid_spec_values():
+    for kw in (dict(depth=0), dict(width=0), dict(draft_temperature=0), dict(bits=5)):
+        with pytest.raises(SubspecError):
+            SpecConfig(**kw)
+
+
+def test_parse_size():
+    assert parse_size("1.2GB") == 1_200_000_000
+    assert parse_size("900MiB") == 900 * 2**20
+    assert parse_size("4096") == 4096
+    for bad in ("", "1.2XB", "GB", "-1GB", "1,2GB"):
+        with pytest.raises(SubspecError):
+            parse_size(bad)
+
+
+SIZES = ModelSizes(num_layers=10, layer_bytes=100, substitute_bytes=30, embed_bytes=200,
+                   lm_head_bytes=200, norm_bytes=1, kv_bytes=50)  # fmt: skip
+
+
+def test_plan_everything_resident_without_budget():
+    p = plan(SIZES, None)
+    assert p.resident_layers == list(range(10)) and not p.streams
+    assert p.resident_bytes == 10 * 100 + 200 + 200 + 1 + 50
+
+
+def test_plan_streams_what_does_not_fit_and_respects_budget():
+    p = plan(SIZES, 900)
+    assert p.streams and not p.embed_resident
+    assert p.resident_bytes <= 900
+    # one more resident layer would break the budget
+    assert p.resident_bytes + 100 - 30 > 900
+    assert p.resident_layers + p.streamed_layers == list(range(10))
+    assert p.breakdown["staging_buffers"] == 200
+
+
+def test_plan_refuses_budget_below_minimum_and_names_it():
+    minimum = 10 * 30 + 2 * 100 + 200 + 1 + 50
+    assert plan(SIZES, minimum).resident_layers == []
+    with pytest.raises(SubspecError, match=str(minimum)):
+        plan(SIZES, minimum - 1)
