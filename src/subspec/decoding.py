@@ -29,6 +29,7 @@ class DecodeStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+    margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
 
 def prefill(target, prompt: list[int], chunk: int) -> torch.Tensor:
@@ -48,17 +49,21 @@ def vanilla(
 ) -> Iterator[list[int]]:
     """Plain autoregressive decoding: one target pass per token."""
     t0 = time.perf_counter()
-    pending = choose(prefill(target, prompt, chunk), sampling, gen)
+    logits = prefill(target, prompt, chunk)
     stats.prefill_s = time.perf_counter() - t0
     cache, device = target.cache, target.device
     while True:
+        if sampling.greedy:
+            top2 = logits.topk(2).values
+            stats.margins.append(float(top2[0] - top2[1]))
+        pending = choose(logits, sampling, gen)
         yield [pending]
         slot = torch.tensor([cache.length], device=device)
         tok = torch.tensor([pending], device=device)
         hidden = target.forward(tok, slot, slot, None, cache.length + 1)
         stats.target_forwards += 1
         cache.length += 1
-        pending = choose(target.model.logits(hidden)[0], sampling, gen)
+        logits = target.model.logits(hidden)[0]
 
 
 def speculative(

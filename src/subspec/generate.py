@@ -113,6 +113,8 @@ def _stats(engine, method, s: DecodeStats, prompt_len, new_tokens, elapsed) -> d
         "peak_rss_bytes": peak_rss_bytes(),
         **engine.stream_stats(),
     }
+    if s.margins:
+        stats["top2_margins"] = [round(m, 4) for m in s.margins[:new_tokens]]
     if method != "vanilla":
         rounds = len(s.accept_lengths)
         stats.update(
