@@ -1,0 +1,251 @@
+"""The OpenAI-compatible server, over a fake engine that replays a fixed token script (the real
+stream_generate runs on top of it), plus one end-to-end test on the tiny random model."""
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from subspec.errors import SubspecError
+from subspec.server import create_app
+from subspec.tokenizer import encode_messages
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = "system user assistant hello world the cat sat on mat a dog ran far again".split()
+REPLY = "the cat sat on the mat".split()
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ChatML specials; <|im_end|> is the EOS."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tok.chat_template = chat_template
+    return tok
+
+
+class FakeEngine:
+    """Just enough of Engine for stream_generate: `decode` replays `reply` then EOS, two
+    tokens per round, and records every prompt it is given."""
+
+    def __init__(self, reply=REPLY, context=64, tokenizer=None, delay=0.0):
+        self.tokenizer = tokenizer or tiny_tokenizer()
+        self.cfg = SimpleNamespace(model="tiny-fake", context=context, methods=("vanilla",))
+        self.placement = SimpleNamespace(summary=lambda: "placement: fake", streams=False)
+        self.eos_ids = {self.tokenizer.eos_token_id}
+        self.script = self.tokenizer.convert_tokens_to_ids(list(reply)) + [
+            self.tokenizer.eos_token_id
+        ]
+        self.prompts: list[list[int]] = []
+        self.delay, self.active, self.max_active = delay, 0, 0
+
+    def check_fits(self, prompt_len, max_new_tokens, method):
+        if prompt_len < 1:
+            raise SubspecError("the prompt is empty")
+        if prompt_len + max_new_tokens > self.cfg.context:
+            raise SubspecError("prompt + new tokens exceeds the context")
+
+    def reset(self, method):
+        pass
+
+    def decode(self, method, prompt, sampling, gen, stats):
+        self.prompts.append(list(prompt))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            for i in range(0, len(self.script), 2):
+                time.sleep(self.delay)
+                stats.accept_lengths.append(1)
+                yield self.script[i : i + 2]
+        finally:
+            self.active -= 1
+
+    def stream_stats(self):
+        return {"bytes_streamed": 0}
+
+
+def client_for(engine=None, method="subspec") -> TestClient:
+    return TestClient(create_app(engine or FakeEngine(), method))
+
+
+def sse_payloads(response) -> list:
+    """The data fields of a server-sent event stream, JSON-decoded except [DONE]."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in response.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
+
+
+CHAT = {"messages": [{"role": "user", "content": "hello world"}]}
+
+
+def test_models_and_health():
+    client = client_for()
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny-fake"]
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "model": "tiny-fake",
+        "method": "subspec",
+    }
+
+
+def test_chat_completion_shape():
+    engine = FakeEngine()
+    body = client_for(engine).post("/v1/chat/completions", json=CHAT).json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-") and body["model"] == "tiny-fake"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": " ".join(REPLY)}
+    assert choice["finish_reason"] == "stop"
+    prompt_len = len(encode_messages(engine.tokenizer, CHAT["messages"]))
+    assert engine.prompts == [encode_messages(engine.tokenizer, CHAT["messages"])]
+    assert body["usage"] == {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": len(REPLY) + 1,  # the EOS counts
+        "total_tokens": prompt_len + len(REPLY) + 1,
+    }
+    stats = body["subspec"]
+    assert stats["method"] == "subspec" and stats["tau"] == pytest.approx(len(REPLY) / 4)
+    assert "decode_tokens_per_s" in stats and "accept_lengths" not in stats
+
+
+def test_chat_stream_concatenates_to_the_non_streamed_text():
+    client = client_for()
+    plain = client.post("/v1/chat/completions", json=CHAT).json()
+    request = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    payloads = sse_payloads(client.post("/v1/chat/completions", json=request))
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] == "stop" and set(finish[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_text_completion_plain_and_streamed():
+    client = client_for()
+    request = {"prompt": "the dog ran", "max_tokens": 3}
+    plain = client.post("/v1/completions", json=request).json()
+    assert plain["object"] == "text_completion"
+    assert plain["choices"][0]["text"] == "the cat sat"
+    assert plain["choices"][0]["finish_reason"] == "length"
+    assert plain["usage"]["prompt_tokens"] == 3 and plain["usage"]["completion_tokens"] == 3
+    payloads = sse_payloads(client.post("/v1/completions", json={**request, "stream": True}))
+    assert payloads[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in payloads[:-1]) == "the cat sat"
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "stop, text", [("mat", "the cat sat on the "), (["mat", "on"], "the cat sat ")]
+)
+def test_stop_strings(stop, text):
+    body = client_for().post("/v1/chat/completions", json={**CHAT, "stop": stop}).json()
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+BAD_CHAT = [
+    {**CHAT, "temperature": -1},
+    {**CHAT, "top_p": 0},
+    {**CHAT, "top_k": -3},
+    {**CHAT, "max_tokens": 0},
+    {**CHAT, "max_tokens": 1000},  # prompt + max tokens exceed the context of 64
+    {**CHAT, "n": 2},
+    {**CHAT, "stop": [""]},
+    {**CHAT, "stream": True, "temperature": -1},
+    {"messages": []},
+    {"messages": [{"role": "user"}]},
+    {"messages": [{"role": "user", "content": " ".join(["hello"] * 80)}]},
+    {},
+]
+
+
+@pytest.mark.parametrize("request_body", BAD_CHAT)
+def test_bad_chat_requests_are_400(request_body):
+    response = client_for().post("/v1/chat/completions", json=request_body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+@pytest.mark.parametrize(
+    "request_body", [{"prompt": ""}, {"prompt": "a", "top_p": 2}, {"prompt": 3}, {"prompt": None}]
+)
+def test_bad_completion_requests_are_400(request_body):
+    response = client_for().post("/v1/completions", json=request_body)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_missing_template_are_400():
+    client = client_for(FakeEngine(tokenizer=tiny_tokenizer(chat_template=None)))
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={
+        "content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert "chat template" in response.json()["error"]["message"]
+
+
+def test_unknown_route_is_an_openai_style_404():
+    response = client_for().get("/v1/nothing")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_requests_decode_one_at_a_time():
+    engine = FakeEngine(delay=0.01)
+    client = client_for(engine)
+    results = []
+
+    def post(stream):
+        response = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        results.append(response.status_code)
+
+    threads = [threading.Thread(target=post, args=(i % 2 == 0,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
+    assert len(engine.prompts) == 4 and engine.max_active == 1
+
+
+def test_end_to_end_on_the_tiny_model(tiny_model_dir):
+    from subspec.engine import Engine, EngineConfig
+
+    config = EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", methods=("vanilla", "subspec")
+    )
+    client = client_for(Engine(config, progress=False), "subspec")
+    request_body = {**CHAT, "max_tokens": 8}
+    plain = client.post("/v1/chat/completions", json=request_body).json()
+    assert plain["usage"]["completion_tokens"] >= 1
+    assert plain["subspec"]["method"] == "subspec" and "tau" in plain["subspec"]
+    payloads = sse_payloads(
+        client.post("/v1/chat/completions", json={**request_body, "stream": True})
+    )
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in payloads[:-1])
+    assert text == plain["choices"][0]["message"]["content"]
+    too_long = {**CHAT, "max_tokens": config.context}
+    assert client.post("/v1/chat/completions", json=too_long).status_code == 400
