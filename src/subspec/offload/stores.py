@@ -1,0 +1,288 @@
+"""Slow-tier stores: where units (one decoder layer's packed bytes) live between uses.
+
+A store copies one unit's data region (see ``layer_file``) into a uint8 buffer on the fast
+device. ``DiskStore`` reads layer files with O_DIRECT (the page cache never holds the model);
+``PinnedHostStore`` keeps units in pinned host RAM and copies them to a CUDA device
+asynchronously.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from subspec.errors import SubspecError
+from subspec.offload.layer_file import (
+    ALIGN,
+    LayerManifest,
+    layer_path,
+    pack_tensors,
+    plan_layout,
+    read_manifests,
+)
+
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+def aligned_empty(nbytes: int, alignment: int = ALIGN) -> torch.Tensor:
+    """An uninitialised CPU uint8 tensor [nbytes] whose first byte is ``alignment``-aligned."""
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
+    shift = -raw.data_ptr() % alignment
+    return raw[shift : shift + nbytes]  # the view keeps ``raw`` alive
+
+
+class SlowStore:
+    """Interface of a slow tier: per-unit sizes, layouts and a copy into a fast buffer."""
+
+    manifests: Mapping[int, LayerManifest]
+
+    def nbytes(self, unit: int) -> int:
+        """Bytes ``read_into`` writes for ``unit`` (its padded data region)."""
+        return self.manifests[unit].total_bytes
+
+    def check_device(self, device: torch.device) -> None:
+        """Raise SubspecError if this store cannot fill buffers on ``device``."""
+
+    def read_into(self, unit: int, dst: torch.Tensor, stream=None) -> None:
+        """Copy ``unit``'s bytes into ``dst[:nbytes(unit)]`` (uint8, on the fast device).
+
+        ``stream``: the CUDA stream to issue an asynchronous copy on (ignored on CPU).
+        """
+        raise NotImplementedError
+
+
+def _check_dst(dst: torch.Tensor, nbytes: int) -> None:
+    if dst.dtype != torch.uint8 or dst.dim() != 1 or not dst.is_contiguous():
+        raise SubspecError("destination must be a contiguous 1-D uint8 tensor")
+    if dst.numel() < nbytes:
+        raise SubspecError(f"destination has {dst.numel()} bytes, the unit needs {nbytes}")
+
+
+def drop_page_cache(path: str | os.PathLike) -> None:
+    """Ask the kernel to drop ``path``'s clean pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class DiskStore(SlowStore):
+    """Units stored as layer files ``layer_NNNNN.bin`` in ``directory``; CPU destinations only.
+
+    ``direct``: None probes O_DIRECT and falls back to buffered reads if the filesystem refuses
+    it (EINVAL, e.g. tmpfs); True requires O_DIRECT; False forces buffered reads. Buffered reads
+    are followed by POSIX_FADV_DONTNEED so the page cache does not keep the model. ``mode`` is
+    "direct" or "buffered". Reads go in ``chunk_bytes`` pieces through ``os.preadv``, which
+    releases the GIL, so a reader thread overlaps with compute in other threads.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        manifests: Mapping[int, LayerManifest],
+        direct: bool | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        if chunk_bytes <= 0 or chunk_bytes % ALIGN:
+            raise SubspecError(f"chunk_bytes must be a positive multiple of {ALIGN}")
+        if not manifests:
+            raise SubspecError(f"no layer files for {directory}")
+        self.directory = Path(directory)
+        self.manifests = dict(manifests)
+        self.chunk_bytes = chunk_bytes
+        self.mode = self._choose_mode(direct)
+
+    def path(self, unit: int) -> Path:
+        """The layer file of ``unit``."""
+        return layer_path(self.directory, unit)
+
+    def _choose_mode(self, direct: bool | None) -> str:
+        if direct is False:
+            return "buffered"
+        if _direct_io_works(self.path(next(iter(self.manifests)))):
+            return "direct"
+        if direct:
+            raise SubspecError(f"{self.directory}: the filesystem refuses O_DIRECT")
+        return "buffered"
+
+    def check_device(self, device: torch.device) -> None:
+        """DiskStore fills CPU buffers only."""
+        if torch.device(device).type != "cpu":
+            raise SubspecError("DiskStore reads into CPU buffers only; stage through host RAM")
+
+    def read_into(self, unit: int, dst: torch.Tensor, stream=None) -> None:
+        """Read ``unit``'s data region from its file into CPU ``dst`` (4096-aligned if direct)."""
+        manifest = self.manifests[unit]
+        _check_dst(dst, manifest.total_bytes)
+        if dst.device.type != "cpu":
+            raise SubspecError("DiskStore reads into CPU buffers only")
+        direct = self.mode == "direct"
+        if direct and dst.data_ptr() % ALIGN:
+            raise SubspecError("O_DIRECT needs a 4096-aligned destination (use aligned_empty)")
+        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        fd = os.open(self.path(unit), flags)
+        try:
+            self._read_fd(fd, unit, dst)
+            if not direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def _read_fd(self, fd: int, unit: int, dst: torch.Tensor) -> None:
+        manifest = self.manifests[unit]
+        if os.fstat(fd).st_size != manifest.file_bytes:
+            raise SubspecError(f"{self.path(unit)}: size changed since its manifest was read")
+        view = memoryview(dst[: manifest.total_bytes].numpy())
+        _pread_full(fd, view, manifest.data_offset, self.chunk_bytes)
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, chunk: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` in ``chunk``-byte preadv calls."""
+    pos = 0
+    while pos < len(view):
+        got = os.preadv(fd, [view[pos : pos + chunk]], offset + pos)
+        if got == 0:
+            raise SubspecError(f"unexpected end of file at byte {offset + pos}")
+        pos += got
+
+
+def _direct_io_works(path: Path) -> bool:
+    """Whether ``path`` can be opened and read with O_DIRECT."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        os.preadv(fd, [memoryview(aligned_empty(ALIGN).numpy())], 0)
+        return True
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+class PinnedHostStore(SlowStore):
+    """Units packed into host RAM (pinned when CUDA is available) with the layer-file layout.
+
+    ``tensors_by_unit``: unit -> {name: tensor}. Each unit is packed once into one uint8 host
+    tensor [total_bytes]; ``read_into`` copies it to the destination, asynchronously on
+    ``stream`` when the destination is on CUDA.
+    """
+
+    def __init__(self, tensors_by_unit: Mapping[int, Mapping[str, torch.Tensor]]):
+        pin = torch.cuda.is_available()
+        self.manifests, self._host = {}, {}
+        for unit, tensors in tensors_by_unit.items():
+            manifest = plan_layout(tensors)
+            host = torch.zeros(manifest.total_bytes, dtype=torch.uint8, pin_memory=pin)
+            pack_tensors(tensors, manifest, host)
+            self.manifests[unit], self._host[unit] = manifest, host
+        self.pinned = pin
+
+    def read_into(self, unit: int, dst: torch.Tensor, stream=None) -> None:
+        """Copy ``unit`` into ``dst``: on CUDA, non-blocking on ``stream`` (or the current one)."""
+        src = self._host[unit]
+        _check_dst(dst, src.numel())
+        if dst.device.type == "cuda":
+            with torch.cuda.stream(stream):
+                dst[: src.numel()].copy_(src, non_blocking=True)
+        else:
+            dst[: src.numel()].copy_(src)
+
+
+def _as_store(path_or_store: str | os.PathLike | DiskStore, chunk_bytes: int) -> DiskStore:
+    if isinstance(path_or_store, DiskStore):
+        return path_or_store
+    path = Path(path_or_store)
+    directory = path if path.is_dir() else path.parent
+    manifests = read_manifests(directory)
+    if not path.is_dir():
+        manifests = {u: m for u, m in manifests.items() if layer_path(directory, u) == path}
+    return DiskStore(directory, manifests, direct=None, chunk_bytes=chunk_bytes)
+
+
+def measure_disk_bandwidth(
+    path_or_store: str | os.PathLike | DiskStore,
+    nbytes: int,
+    threads: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> float:
+    """Cold read bandwidth (bytes/s) of real layer files, reading at least ``nbytes``.
+
+    ``path_or_store``: a directory of layer files, one layer file, or a DiskStore (whose own
+    mode and chunk size are then used). Units are read in order, cyclically, by ``threads``
+    threads each with its own aligned buffer, as the prefetcher does. O_DIRECT is used where the
+    filesystem allows it; otherwise the files' cached pages are dropped first.
+    """
+    store = _as_store(path_or_store, chunk_bytes)
+    if store.mode == "buffered":
+        for unit in store.manifests:
+            drop_page_cache(store.path(unit))
+    units = list(store.manifests)
+    counter = _UnitCounter(units, store, nbytes)
+    size = max(store.nbytes(u) for u in units)
+    buffers = [aligned_empty(size).fill_(0) for _ in range(threads)]  # touched: no page faults
+    start = time.perf_counter()
+    _run_threads([lambda b=b: _read_loop(store, counter, b) for b in buffers])
+    return counter.done_bytes / (time.perf_counter() - start)
+
+
+class _UnitCounter:
+    """Hands out units cyclically to reader threads until ``target`` bytes are claimed."""
+
+    def __init__(self, units: list[int], store: SlowStore, target: int):
+        self._units, self._store, self._target = units, store, target
+        self._lock = threading.Lock()
+        self._next = 0
+        self.claimed_bytes = 0
+        self.done_bytes = 0
+
+    def claim(self) -> int | None:
+        """The next unit to read, or None once enough bytes have been claimed."""
+        with self._lock:
+            if self.claimed_bytes >= self._target:
+                return None
+            unit = self._units[self._next % len(self._units)]
+            self._next += 1
+            self.claimed_bytes += self._store.nbytes(unit)
+            return unit
+
+    def done(self, unit: int) -> None:
+        """Count ``unit``'s bytes as read."""
+        with self._lock:
+            self.done_bytes += self._store.nbytes(unit)
+
+
+def _read_loop(store: DiskStore, counter: _UnitCounter, buffer: torch.Tensor) -> None:
+    while (unit := counter.claim()) is not None:
+        store.read_into(unit, buffer)
+        counter.done(unit)
+
+
+def _run_threads(targets: list) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except BaseException as e:  # surfaced below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(fn,)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
