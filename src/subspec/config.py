@@ -145,7 +145,7 @@ class SpecConfig:
     depth: int = 12
     width: int = 4
     draft_temperature: float = 0.2
-    bits: int = 4
+    bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
     group_size: int = 64
 
     def __post_init__(self) -> None:
@@ -153,8 +153,8 @@ class SpecConfig:
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
         if not self.draft_temperature > 0:
             raise SubspecError(f"draft temperature must be > 0, got {self.draft_temperature}")
-        if self.bits not in (2, 3, 4, 8):
-            raise SubspecError(f"bits must be one of 2, 3, 4, 8, got {self.bits}")
+        if self.bits not in (2, 3, 4, 8, 16):
+            raise SubspecError(f"bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
 
     @property
     def tree_size(self) -> int:

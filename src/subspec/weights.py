@@ -61,6 +61,8 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> int:
     """Bytes of one layer's substitute: quantized linears plus full-precision norms and bias."""
+    if bits == 16:
+        return layer_nbytes(cfg, dtype)
     item = torch.empty((), dtype=dtype).element_size()
     linears = sum(
         quant.quantized_nbytes(o, i, bits, group_size) for o, i in linear_shapes(cfg).values()
@@ -97,7 +99,11 @@ def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Prog
 
 
 def load_substitutes(ckpt, cfg, layers, dtype, device, bits, group_size, path, progress):
-    """Low-bit substitutes of `layers`, from the cache at `path` or quantized now and cached."""
+    """Low-bit substitutes of `layers`, from the cache at `path` or quantized now and cached.
+
+    bits == 16 gives full-precision copies: a draft identical to the target."""
+    if bits == 16:
+        return load_resident(ckpt, cfg, layers, dtype, device)
     meta = {"layers": ",".join(map(str, layers)), "bits": str(bits), "group_size": str(group_size),
             "dtype": str(dtype)}  # fmt: skip
     cached = quant.load_quantized(path, meta)
