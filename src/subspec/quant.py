@@ -1,0 +1,532 @@
+"""HQQ low-bit substitutes for linear layers, their matmul kernels and their on-disk cache.
+
+A substitute stores ``W ≈ (q - off) * s + z`` per group of ``group_size`` input columns, with
+``q`` in ``[0, 2**bits)``, ``off = 8`` for up to 4 bits (128 for 8 bits) and ``s``/``z`` in
+``compute_dtype`` kept as ``scales_and_zeros[in / group_size, out, 2]``. That is exactly the
+convention of torch's int4 kernels (``_weight_int4pack_mm*``: ``(q - 8) * scale + zero``), so
+2-, 3- and 4-bit layers all run the real int4 kernel. HQQ's own convention
+``W ≈ (q - z_hqq) * s`` converts as ``z = (off - z_hqq) * s``.
+
+Layouts of the quantized values held in memory (``QuantLinear.layout``):
+
+- ``int4_cpu``: torch's CPU int4pack, fed to ``_weight_int4pack_mm_for_cpu``. For 2 and 3 bits
+  the unused high bits of every nibble are squeezed out (byte-locally, whatever torch's nibble
+  order is) and put back on each call: a few bitwise passes, no dequantization.
+- ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (4 bits only, 2/3
+  bits use ``bitpack`` on CUDA; this path has not been run, the dev machine has no GPU).
+- ``int8_rowwise``: ``int8 q - 128`` for 8 bits with one group per row (CPU), fed to
+  ``_weight_int8pack_mm`` plus a rank-1 zero-point correction.
+- ``bitpack``: ``bits`` bytes per 8 values along ``in``; dequantized on every call (slow). Used
+  for grouped 8 bits and for shapes the int4 kernels reject (``out % 16``, odd group sizes).
+
+The cache always stores the device-independent ``bitpack`` form.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_QUANT_CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many weights
+_UNPACK_EYE_ROWS = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+
+
+def quantize_linear(
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    optimize: bool = True,
+) -> QuantLinear:
+    """Quantize ``weight[out, in]`` with data-free HQQ (groups along ``in``) into a QuantLinear.
+
+    HQQ fits scales and zero points; ``q`` is then re-rounded against those parameters as stored
+    in ``compute_dtype`` so that storage rounding does not add error. Rows are processed in
+    chunks to bound memory. The result lives on ``weight``'s device.
+    """
+    out_features, in_features = weight.shape
+    _check_config(in_features, bits, group_size)
+    rows = max(1, _QUANT_CHUNK_ELEMENTS // in_features)
+    parts = [
+        _quantize_rows(chunk, bits, group_size, compute_dtype, optimize)
+        for chunk in weight.split(rows)
+    ]
+    q = torch.cat([p[0] for p in parts])  # [out, in] uint8
+    scales_and_zeros = torch.cat([p[1] for p in parts], dim=1)  # [in / g, out, 2]
+    bias = None if bias is None else bias.to(compute_dtype)
+    return QuantLinear(q, scales_and_zeros, bias, bits=bits, group_size=group_size)
+
+
+def _check_config(in_features: int, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} not supported; choose one of {SUPPORTED_BITS}")
+    if group_size % 8 or in_features % group_size:
+        raise ValueError(
+            f"group_size={group_size} must be a multiple of 8 dividing in_features={in_features}"
+        )
+
+
+def _quantize_rows(
+    w: Tensor, bits: int, group_size: int, dtype: torch.dtype, optimize: bool
+) -> tuple[Tensor, Tensor]:
+    """HQQ on a block of rows ``w[rows, in]`` -> (q[rows, in] uint8, scales_and_zeros)."""
+    from hqq.core.quantize import Quantizer  # slow import (~3 s), only needed here
+
+    rows, in_features = w.shape
+    off = _offset(bits)
+    _, meta = Quantizer.quantize(
+        w,
+        nbits=bits,
+        group_size=group_size,
+        optimize=optimize,
+        axis=1,
+        bitpack=False,
+        device=w.device,
+    )
+    scale = meta["scale"].float().view(rows, -1)  # [rows, in / g]
+    zero = ((off - meta["zero"].float().view(rows, -1)) * scale).to(dtype)
+    scale = scale.to(dtype)
+    groups = w.float().view(rows, -1, group_size)  # [rows, in / g, g]
+    q = (groups - zero.float()[..., None]) / scale.float()[..., None]
+    q = q.round_().add_(off).clamp_(0, 2**bits - 1).to(torch.uint8).view(rows, in_features)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [in / g, rows, 2]
+    return q, scales_and_zeros
+
+
+def quantized_nbytes(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    *,
+    bias: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """Bytes a QuantLinear of this shape holds in memory (same for every layout)."""
+    itemsize = compute_dtype.itemsize
+    values = out_features * in_features * bits // 8
+    scales_and_zeros = (in_features // group_size) * out_features * 2 * itemsize
+    return values + scales_and_zeros + (out_features * itemsize if bias else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with HQQ-quantized weights; see the module docstring for the format.
+
+    Moving it (``.to(device)``, ``.cuda()``, ``.cpu()``, also through a parent module) repacks
+    the values for the target device's kernel. Its dtype is fixed at construction.
+    """
+
+    def __init__(
+        self,
+        q: Tensor,
+        scales_and_zeros: Tensor,
+        bias: Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+    ) -> None:
+        """Build from unpacked values ``q[out, in]`` (uint8) and ``scales_and_zeros``."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size = bits, group_size
+        self.compute_dtype = scales_and_zeros.dtype
+        self.scales_and_zeros = scales_and_zeros.contiguous()  # [in / g, out, 2]
+        self.bias = bias  # [out] or None
+        self.layout = _choose_layout(self)
+        self.qdata = _PACK[self.layout](q, self)
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the quantized tensors."""
+        return self.scales_and_zeros.device
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[..., in] -> [..., out]`` in ``x``'s dtype, computed in ``compute_dtype``."""
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # [M, in]
+        y = _MATMUL[self.layout](x2, self)  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def unpacked(self) -> Tensor:
+        """The quantized values ``q[out, in]`` as uint8."""
+        return _UNPACK[self.layout](self.qdata, self)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Reference weight ``[out, in]``: ``(q - off) * s + z`` computed in float32."""
+        return _dequantize(self.unpacked(), self, torch.float32).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by the quantized tensors (values, scales/zeros, bias)."""
+        tensors = (self.qdata, self.scales_and_zeros, self.bias)
+        return sum(t.nbytes for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}"
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuantLinear:
+        probe = fn(self.scales_and_zeros[:0])  # where (and as what) fn sends tensors
+        if probe.dtype != self.compute_dtype:
+            raise TypeError(f"QuantLinear keeps compute_dtype {self.compute_dtype}")
+        if probe.device != self.device:
+            self._move(probe.device)
+        return self
+
+    def _move(self, device: torch.device) -> None:
+        q = self.unpacked().to(device)
+        self.scales_and_zeros = self.scales_and_zeros.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        self.layout = _choose_layout(self)
+        self.qdata = _PACK[self.layout](q, self)
+
+
+def _choose_layout(m: QuantLinear) -> str:
+    on_cuda = m.device.type == "cuda"
+    if m.bits <= 4 and m.group_size in INT4_GROUP_SIZES and m.out_features % 16 == 0:
+        if not on_cuda:
+            return "int4_cpu"
+        if m.bits == 4 and m.compute_dtype == torch.bfloat16:
+            return "int4_cuda"
+    if m.bits == 8 and m.group_size == m.in_features and not on_cuda:
+        return "int8_rowwise"
+    return "bitpack"
+
+
+def _offset(bits: int) -> int:
+    return 8 if bits <= 4 else 128
+
+
+def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype) -> Tensor:
+    """``(q - off) * s + z`` in ``dtype``: ``q[out, in]`` -> ``[out, in]``."""
+    groups = q.view(m.out_features, -1, m.group_size).to(dtype)  # [out, in / g, g]
+    sz = m.scales_and_zeros.transpose(0, 1).to(dtype)  # [out, in / g, 2]
+    w = groups.sub_(_offset(m.bits)).mul_(sz[..., :1]).add_(sz[..., 1:])
+    return w.view(m.out_features, m.in_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: pack (q[out, in] uint8 -> qdata), unpack (qdata -> q), matmul (x[M, in] -> [M, out])
+
+
+def _bitpack(q: Tensor, bits: int) -> Tensor:
+    """``q[n, k]`` -> ``[n, k * bits / 8]`` uint8: each 8 values form ``bits`` little-endian
+    bytes, value ``i`` at bit ``bits * i``."""
+    if bits == 8:
+        return q.contiguous()
+    n, k = q.shape
+    eights = q.view(n, k // 8, 8).to(torch.int32)  # [n, k / 8, 8]
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=q.device)
+    word = (eights << shifts).sum(-1, dtype=torch.int32)  # [n, k / 8], bits * 8 <= 32 bits
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=q.device)
+    packed = (word[..., None] >> byte_shifts) & 0xFF  # [n, k / 8, bits]
+    return packed.to(torch.uint8).view(n, k * bits // 8)
+
+
+def _bitunpack(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of ``_bitpack``: ``[n, k * bits / 8]`` uint8 -> ``q[n, k]`` uint8."""
+    if bits == 8:
+        return packed
+    n = packed.shape[0]
+    nbytes = packed.view(n, -1, bits).to(torch.int32)  # [n, k / 8, bits]
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=packed.device)
+    word = (nbytes << byte_shifts).sum(-1, dtype=torch.int32)  # [n, k / 8]
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=packed.device)
+    q = (word[..., None] >> shifts) & (2**bits - 1)  # [n, k / 8, 8]
+    return q.to(torch.uint8).view(n, -1)
+
+
+def _torch_pack(q: Tensor) -> Tensor:
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # [out, in / 2]
+
+
+def _pack_int4_cpu(q: Tensor, m: QuantLinear) -> Tensor:
+    return _squeeze(_torch_pack(q), m.bits)
+
+
+def _unpack_int4_cpu(qdata: Tensor, m: QuantLinear) -> Tensor:
+    packed = _expand(qdata, m.bits)  # [out, in / 2]
+    block = _cpu_int4_block_n()
+    if block is None:
+        return _unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm_for_cpu)
+    return _int4_cpu_layout_unpack(packed, block)
+
+
+def _squeeze(packed: Tensor, bits: int) -> Tensor:
+    """Int4pack bytes ``[out, in / 2]`` whose nibbles are ``< 2**bits`` -> ``[out, in * bits / 8]``.
+
+    Byte-local on the kernel's bytes, so independent of its nibble order. Of the ``L`` bytes,
+    byte ``j`` and ``j + L/2`` share one byte of the 2-bit plane (shifted by 0 and 2); for
+    3 bits, bit 2 of each nibble goes to a 1-bit plane where quarter ``i`` is shifted by ``i``.
+    Both are chosen so that ``_expand`` writes contiguous halves/quarters, not interleaved bytes.
+    """
+    if bits == 4:
+        return packed
+    flat = packed.view(-1)
+    halves = (flat & 0x33).view(2, -1)  # [2, L / 2]
+    planes = [halves[0] | halves[1] << 2]
+    if bits == 3:
+        quarters = (flat >> 2 & 0x11).view(4, -1)  # [4, L / 4]
+        planes.append(quarters[0] | quarters[1] << 1 | quarters[2] << 2 | quarters[3] << 3)
+    return torch.cat(planes).view(packed.shape[0], -1)
+
+
+_TWO_BIT_MASK = 0x3333_3333_3333_3333  # bits 0, 1, 4, 5 of every byte
+_BIT_TWO_MASK = 0x4444_4444_4444_4444  # bits 2, 6 of every byte
+
+
+def _expand(qdata: Tensor, bits: int) -> Tensor:
+    """Inverse of ``_squeeze``; runs on every forward, so it works on int64 words (every
+    shift/mask pair is still byte-local) and writes into one buffer."""
+    if bits == 4:
+        return qdata
+    flat = qdata.view(-1)
+    n_two = flat.numel() * 2 // bits  # the 2-bit plane is 2/bits of the bytes
+    two = flat[:n_two].view(torch.int64)  # [L / 16]
+    out = torch.empty(2, two.numel(), dtype=torch.int64, device=qdata.device)  # L bytes
+    torch.bitwise_and(two, _TWO_BIT_MASK, out=out[0])
+    torch.bitwise_right_shift(two, 2, out=out[1]).bitwise_and_(_TWO_BIT_MASK)
+    if bits == 3:
+        one = flat[n_two:].view(torch.int64)  # [L / 32]
+        bit = torch.empty_like(one)
+        for i, quarter in enumerate(out.view(4, -1)):  # quarter i sits at shift i in `one`
+            shift = torch.bitwise_left_shift if i <= 2 else torch.bitwise_right_shift
+            quarter |= shift(one, abs(2 - i), out=bit).bitwise_and_(_BIT_TWO_MASK)
+    return out.view(torch.uint8).view(qdata.shape[0], -1)
+
+
+def _int4_cpu_layout_pack(q: Tensor, block: int) -> Tensor:
+    """Our model of torch's CPU int4pack layout (checked against torch by ``_cpu_int4_block_n``):
+    rows go in blocks of ``block``; within a full block the byte at ``[k, d]`` holds rows ``d``
+    (low nibble) and ``d + block / 2`` (high) at column ``k``; a shorter tail block pairs
+    adjacent rows ``2d``, ``2d + 1``."""
+    n, k = q.shape
+    full = n // block * block
+    head = q[:full].view(n // block, 2, block // 2, k)  # [blocks, 2, block / 2, k]
+    head = (head[:, 0] | head[:, 1] << 4).transpose(1, 2).reshape(full, k // 2)
+    tail = q[full:].view(-1, 2, k)  # [tail / 2, 2, k]
+    tail = (tail[:, 0] | tail[:, 1] << 4).T.reshape(n - full, k // 2)
+    return torch.cat([head, tail]).to(torch.uint8)
+
+
+def _int4_cpu_layout_unpack(packed: Tensor, block: int) -> Tensor:
+    """Inverse of ``_int4_cpu_layout_pack``."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n // block * block
+    head = packed[:full].reshape(n // block, k, block // 2)  # [blocks, k, block / 2]
+    head = torch.stack([head & 15, head >> 4], 1).transpose(2, 3).reshape(full, k)
+    tail = packed[full:].reshape(k, -1).T  # [tail / 2, k]
+    tail = torch.stack([tail & 15, tail >> 4], 1).reshape(n - full, k)
+    return torch.cat([head, tail])
+
+
+@functools.cache
+def _cpu_int4_block_n() -> int | None:
+    """Row block of this machine's CPU int4pack layout (it depends on the ISA), or None when
+    the layout matches none we model."""
+    gen = torch.Generator().manual_seed(0)
+    probes = [torch.randint(0, 16, (n, 64), generator=gen, dtype=torch.uint8) for n in (16, 208)]
+    for block in (64, 32, 16):
+        if all(torch.equal(_int4_cpu_layout_pack(q, block), _torch_pack(q)) for q in probes):
+            return block
+    log.warning("unknown CPU int4pack layout; unpacking through the kernel (slow)")
+    return None
+
+
+def _unpack_int4_with_kernel(packed: Tensor, m: QuantLinear, mm: Callable[..., Tensor]) -> Tensor:
+    """Layout-independent unpack: multiply identity rows with scale 1 and zero 8 (exact)."""
+    kw = {"dtype": m.compute_dtype, "device": packed.device}
+    unit = torch.zeros(m.in_features // m.group_size, m.out_features, 2, **kw)  # [in / g, out, 2]
+    unit[..., 0], unit[..., 1] = 1, 8
+    cols = []
+    for start in range(0, m.in_features, _UNPACK_EYE_ROWS):
+        rows = min(_UNPACK_EYE_ROWS, m.in_features - start)
+        eye = torch.zeros(rows, m.in_features, **kw)  # [rows, in], ones at (i, start + i)
+        eye.diagonal(start).fill_(1)
+        cols.append(mm(eye, packed, m.group_size, unit))  # [rows, out] = q[:, start:...].T
+    return torch.cat(cols).T.round().to(torch.uint8).contiguous()
+
+
+def _pack_int4_cuda(q: Tensor, m: QuantLinear) -> Tensor:
+    inner_k_tiles = next(t for t in (8, 4, 2) if m.in_features % (t * 16) == 0)
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [out, in / 2] uint8
+    return torch._convert_weight_to_int4pack(pairs, inner_k_tiles)
+
+
+def _unpack_int4_cuda(packed: Tensor, m: QuantLinear) -> Tensor:
+    return _unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm)
+
+
+def _matmul_int4_cpu(x: Tensor, m: QuantLinear) -> Tensor:
+    packed = _expand(m.qdata, m.bits)  # [out, in / 2]
+    return torch._weight_int4pack_mm_for_cpu(x, packed, m.group_size, m.scales_and_zeros)
+
+
+def _matmul_int4_cuda(x: Tensor, m: QuantLinear) -> Tensor:
+    return torch._weight_int4pack_mm(x, m.qdata, m.group_size, m.scales_and_zeros)
+
+
+def _matmul_int8_rowwise(x: Tensor, m: QuantLinear) -> Tensor:
+    # W = (q - 128) * s + z per row  =>  x @ W.T = kernel(x, q - 128, s) + rowsum(x) * z
+    scales, zeros = m.scales_and_zeros[0].unbind(-1)  # [out] each
+    y = torch._weight_int8pack_mm(x, m.qdata, scales.contiguous())  # [M, out]
+    return y + x.sum(-1, keepdim=True, dtype=torch.float32) * zeros.float()
+
+
+def _matmul_bitpack(x: Tensor, m: QuantLinear) -> Tensor:
+    # float32 arithmetic then one rounding: (q - off) * s cancels against z in low precision
+    w = _dequantize(_bitunpack(m.qdata, m.bits), m, torch.float32)  # [out, in]
+    return F.linear(x, w.to(m.compute_dtype))
+
+
+_PACK = {
+    "int4_cpu": _pack_int4_cpu,
+    "int4_cuda": _pack_int4_cuda,
+    "int8_rowwise": lambda q, m: (q ^ 0x80).view(torch.int8),
+    "bitpack": lambda q, m: _bitpack(q, m.bits),
+}
+_UNPACK = {
+    "int4_cpu": _unpack_int4_cpu,
+    "int4_cuda": _unpack_int4_cuda,
+    "int8_rowwise": lambda data, m: data.view(torch.uint8) ^ 0x80,
+    "bitpack": lambda data, m: _bitunpack(data, m.bits),
+}
+_MATMUL = {
+    "int4_cpu": _matmul_int4_cpu,
+    "int4_cuda": _matmul_int4_cuda,
+    "int8_rowwise": _matmul_int8_rowwise,
+    "bitpack": _matmul_bitpack,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_meta(
+    *, bits: int, group_size: int, fingerprint: str, optimize: bool = True, **extra
+) -> dict:
+    """The meta a cache is keyed on; ``save``/``load_quantized`` add format and hqq versions."""
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "fingerprint": fingerprint,
+        "optimize": optimize,
+        **extra,
+    }
+
+
+def safetensors_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 over each safetensors file's name, size and header (tensor names, dtypes, shapes,
+    offsets) - cheap, and changes whenever the checkpoint is replaced."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header = f.read(int.from_bytes(head, "little"))
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        digest.update(header)
+    return digest.hexdigest()
+
+
+def save_quantized(path: str | os.PathLike, layers: dict[str, QuantLinear], meta: dict) -> None:
+    """Write ``layers`` to a safetensors file atomically (temp file + ``os.replace``).
+
+    ``meta`` must be JSON-serialisable (see ``cache_meta``); a checksum over meta, layer
+    shapes and tensor bytes is stored so that ``load_quantized`` can reject corrupted files.
+    """
+    tensors, shapes = {}, {}
+    for name, layer in layers.items():
+        tensors[f"{name}.qweight"] = _bitpack(layer.unpacked(), layer.bits).cpu()
+        tensors[f"{name}.scales_and_zeros"] = layer.scales_and_zeros.cpu()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.cpu()
+        shapes[name] = [layer.out_features, layer.in_features, layer.bits, layer.group_size]
+    metadata = {"meta": _meta_json(meta), "layers": json.dumps(shapes, sort_keys=True)}
+    metadata["checksum"] = _checksum(metadata, tensors)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_quantized(
+    path: str | os.PathLike, expected_meta: dict, device: str | torch.device = "cpu"
+) -> dict[str, QuantLinear] | None:
+    """Load layers written by ``save_quantized`` onto ``device``.
+
+    Returns None (never raises) when the file is missing, unreadable, truncated, corrupted
+    (checksum mismatch) or was written for other meta, format or hqq version: rebuild then.
+    """
+    try:
+        return _load(Path(path), expected_meta, torch.device(device))
+    except Exception as exc:  # any failure means "no usable cache"
+        log.info("quantized cache %s unusable: %s", path, exc)
+        return None
+
+
+def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, QuantLinear] | None:
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("meta") != _meta_json(expected_meta):
+            log.info("quantized cache %s was built for other settings", path)
+            return None
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if metadata["checksum"] != _checksum(metadata, tensors):
+        raise ValueError("checksum mismatch")
+    layers = {}
+    for name, (out_f, in_f, bits, group_size) in json.loads(metadata["layers"]).items():
+        q = _bitunpack(tensors[f"{name}.qweight"].to(device), bits).view(out_f, in_f)
+        sz = tensors[f"{name}.scales_and_zeros"].to(device)
+        bias = tensors.get(f"{name}.bias")
+        bias = None if bias is None else bias.to(device)
+        layers[name] = QuantLinear(q, sz, bias, bits=bits, group_size=group_size)
+    return layers
+
+
+def _meta_json(meta: dict) -> str:
+    full = {**meta, "format_version": FORMAT_VERSION, "hqq_version": version("hqq")}
+    return json.dumps(full, sort_keys=True)
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256(f"{metadata['meta']}\0{metadata['layers']}".encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        digest.update(t.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -1,0 +1,190 @@
+"""Tests for HQQ substitutes: kernels against the dequantized reference, error, memory, cache."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from subspec import quant as Q
+
+
+def _weight(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_f, in_f, generator=gen) * 0.02).to(torch.bfloat16)  # [out, in]
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _check_forward(m: Q.QuantLinear, bias: torch.Tensor | None = None) -> None:
+    x = torch.randn(2, 3, m.in_features, dtype=torch.bfloat16)  # [batch, seq, in]
+    ref = x.float() @ m.dequantize().T  # [batch, seq, out]
+    if bias is not None:
+        ref = ref + bias.float()
+    y = m(x)
+    assert y.shape == (2, 3, m.out_features) and y.dtype == torch.bfloat16
+    assert _rel_err(y, ref) < 8e-3  # a few bf16 ulps
+
+
+@pytest.mark.parametrize(
+    "out_f,in_f,group_size",
+    [(64, 128, 64), (80, 256, 32), (208, 512, 128), (16, 256, 256), (1536, 192, 64)],
+)
+def test_int4_kernel_matches_dequantize(out_f, in_f, group_size):
+    bias = torch.randn(out_f, dtype=torch.bfloat16)
+    m = Q.quantize_linear(_weight(out_f, in_f), bias, group_size=group_size)
+    assert m.layout == "int4_cpu"
+    _check_forward(m, bias)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,out_f,layout",
+    [
+        (2, 64, 64, "int4_cpu"),  # 2/3 bits run the int4 kernel
+        (3, 32, 48, "int4_cpu"),
+        (4, 16, 64, "bitpack"),  # group size the int4 kernel rejects
+        (4, 64, 72, "bitpack"),  # out_features not a multiple of 16
+        (2, 64, 40, "bitpack"),
+        (3, 16, 64, "bitpack"),
+        (8, 64, 64, "bitpack"),  # grouped 8-bit: no per-group int8 kernel
+        (8, 128, 64, "int8_rowwise"),  # one group per row
+    ],
+)
+def test_other_layouts_match_dequantize(bits, group_size, out_f, layout):
+    m = Q.quantize_linear(_weight(out_f, 128), None, bits=bits, group_size=group_size)
+    assert m.layout == layout
+    _check_forward(m)
+
+
+@pytest.mark.parametrize("bits", Q.SUPPORTED_BITS)
+def test_packing_round_trips(bits):
+    """Every layout, and the cache's bitpack form, gives back the values it was built from."""
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (80, 256), generator=gen, dtype=torch.uint8)  # [out, in]
+    sz = torch.rand(256 // 64, 80, 2, generator=gen).to(torch.bfloat16)  # [in / g, out, 2]
+    assert torch.equal(Q._bitunpack(Q._bitpack(q, bits), bits), q)
+    m = Q.QuantLinear(q, sz, None, bits=bits, group_size=64)
+    assert torch.equal(m.unpacked(), q)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_layout_model_agrees_with_kernel_unpack(bits):
+    """Our model of torch's CPU nibble order matches what the kernel itself reads."""
+    block = Q._cpu_int4_block_n()
+    if block is None:
+        pytest.skip("this CPU's int4pack layout is not modelled (kernel unpack is used)")
+    m = Q.quantize_linear(_weight(208, 256), None, bits=bits)
+    packed = Q._expand(m.qdata, bits)  # [out, in / 2]
+    by_kernel = Q._unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm_for_cpu)
+    assert torch.equal(by_kernel, Q._int4_cpu_layout_unpack(packed, block))
+
+
+def test_error_small_and_decreasing_with_bits():
+    w = _weight(128, 256)
+    errs = {}
+    for bits in Q.SUPPORTED_BITS:
+        deq = Q.quantize_linear(w, None, bits=bits).dequantize()
+        errs[bits] = ((deq - w.float()).norm() / w.float().norm()).item()
+    assert errs[2] > errs[3] > errs[4] > errs[8]
+    assert errs[4] < 0.1 and errs[8] < 0.01
+
+
+def test_bad_configs_raise_clearly():
+    with pytest.raises(ValueError, match="bits=5"):
+        Q.quantize_linear(_weight(64, 128), None, bits=5)
+    with pytest.raises(ValueError, match="in_features=96"):
+        Q.quantize_linear(_weight(64, 96), None, group_size=64)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 32), (4, 64), (4, 16), (8, 64), (8, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_nbytes_matches_tensors(bits, group_size, bias):
+    b = torch.zeros(64, dtype=torch.bfloat16) if bias else None
+    m = Q.quantize_linear(_weight(64, 128), b, bits=bits, group_size=group_size)
+    assert m.nbytes() == Q.quantized_nbytes(64, 128, bits, group_size, bias=bias)
+
+
+def test_module_moves_and_dtypes():
+    m = Q.quantize_linear(_weight(64, 128), None)
+    parent = nn.Sequential(m).to("cpu")
+    assert parent[0] is m and m.layout == "int4_cpu"
+    x = torch.randn(5, 128)  # float32 in -> float32 out
+    assert m(x).dtype == torch.float32
+    with pytest.raises(TypeError, match="compute_dtype"):
+        m.to(torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+@pytest.fixture
+def layers():
+    bias = torch.randn(64, dtype=torch.bfloat16)
+    return {
+        "mlp.down": Q.quantize_linear(_weight(64, 128, 1), bias),
+        "mlp.up": Q.quantize_linear(_weight(48, 64, 2), None, bits=3, group_size=32),
+        "attn.o": Q.quantize_linear(_weight(32, 128, 3), None, bits=8, group_size=128),
+    }
+
+
+META = Q.cache_meta(bits=4, group_size=64, fingerprint="abc")
+
+
+def test_cache_round_trip_is_bit_identical(tmp_path, layers):
+    path = tmp_path / "q.safetensors"
+    Q.save_quantized(path, layers, META)
+    assert os.listdir(tmp_path) == ["q.safetensors"]  # no temp file left behind
+    loaded = Q.load_quantized(path, META)
+    assert loaded.keys() == layers.keys()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    for name, m in layers.items():
+        got = loaded[name]
+        assert (got.layout, got.bits, got.group_size) == (m.layout, m.bits, m.group_size)
+        assert torch.equal(got.unpacked(), m.unpacked())
+        assert torch.equal(got.scales_and_zeros, m.scales_and_zeros)
+        assert (got.bias is None) == (m.bias is None)
+        assert got.bias is None or torch.equal(got.bias, m.bias)
+        xi = x[:, : m.in_features]
+        assert torch.equal(got(xi), m(xi))
+
+
+def test_cache_missing_or_mismatched_returns_none(tmp_path, layers, monkeypatch):
+    path = tmp_path / "q.safetensors"
+    assert Q.load_quantized(path, META) is None
+    Q.save_quantized(path, layers, META)
+    assert Q.load_quantized(path, {**META, "bits": 3}) is None
+    assert Q.load_quantized(path, {**META, "fingerprint": "abd"}) is None
+    monkeypatch.setattr(Q, "FORMAT_VERSION", Q.FORMAT_VERSION + 1)
+    assert Q.load_quantized(path, META) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(Q, "version", lambda name: "0.0.0")
+    assert Q.load_quantized(path, META) is None
+
+
+def test_cache_truncated_or_corrupted_returns_none(tmp_path, layers):
+    path = tmp_path / "q.safetensors"
+    Q.save_quantized(path, layers, META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert Q.load_quantized(path, META) is None
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit in the tensor data
+    assert Q.load_quantized(path, META) is None
+    path.write_bytes(b"\x10" + data[1:])  # header length no longer matches
+    assert Q.load_quantized(path, META) is None
+    path.write_bytes(b"not a safetensors file")
+    assert Q.load_quantized(path, META) is None
+    path.write_bytes(data)
+    assert Q.load_quantized(path, META) is not None
+
+
+def test_fingerprint_tracks_checkpoint(tmp_path):
+    shard = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, shard)
+    first = Q.safetensors_fingerprint([shard])
+    assert Q.safetensors_fingerprint([shard]) == first
+    save_file({"w": torch.zeros(4, 5)}, shard)
+    assert Q.safetensors_fingerprint([shard]) != first
