@@ -115,15 +115,19 @@ def read_unit(store: SlowStore, unit: int) -> dict[str, torch.Tensor]:
     return tensors_from_buffer(buf, store.manifests[unit])
 
 
-def test_disk_store_direct(layer_dir):
+@pytest.mark.parametrize("io_threads", [1, 3])
+def test_disk_store_direct(layer_dir, io_threads):
     directory, manifests, tensors = layer_dir
     try:
-        store = DiskStore(directory, manifests, direct=True, chunk_bytes=ALIGN)
+        store = DiskStore(
+            directory, manifests, direct=True, chunk_bytes=ALIGN, io_threads=io_threads
+        )
     except SubspecError:
         pytest.skip("tmp_path's filesystem refuses O_DIRECT")
     assert store.mode == "direct"
     for unit in manifests:
         assert_same(read_unit(store, unit), tensors[unit])
+    store.close()
     with pytest.raises(SubspecError, match="aligned"):
         store.read_into(0, aligned_empty(store.nbytes(0) + 1)[1:])
 
@@ -151,6 +155,21 @@ def test_disk_store_falls_back_when_o_direct_refused(layer_dir, monkeypatch):
     assert_same(read_unit(store, 4), tensors[4])
     with pytest.raises(SubspecError, match="refuses O_DIRECT"):
         DiskStore(directory, manifests, direct=True)
+
+
+def test_disk_store_piece_error_propagates(layer_dir, monkeypatch):
+    directory, manifests, _ = layer_dir
+    real_preadv = os.preadv
+
+    def failing_preadv(fd, buffers, offset):
+        if offset >= manifests[2].data_offset + 2 * ALIGN:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_preadv(fd, buffers, offset)
+
+    with DiskStore(directory, manifests, chunk_bytes=ALIGN, io_threads=2) as store:
+        monkeypatch.setattr(os, "preadv", failing_preadv)
+        with pytest.raises(OSError, match="simulated I/O error"):
+            read_unit(store, 2)
 
 
 def test_disk_store_detects_file_changed_after_manifest(layer_dir):
