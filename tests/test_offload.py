@@ -174,10 +174,10 @@ def test_disk_store_piece_error_propagates(layer_dir, monkeypatch):
 
 def test_disk_store_detects_file_changed_after_manifest(layer_dir):
     directory, manifests, _ = layer_dir
-    store = DiskStore(directory, manifests)
-    os.truncate(layer_path(directory, 1), manifests[1].file_bytes - ALIGN)
-    with pytest.raises(SubspecError, match="size changed"):
-        read_unit(store, 1)
+    with DiskStore(directory, manifests) as store:
+        os.truncate(layer_path(directory, 1), manifests[1].file_bytes - ALIGN)
+        with pytest.raises(SubspecError, match="size changed"):
+            read_unit(store, 1)
 
 
 def test_pinned_host_store_on_cpu():
@@ -223,8 +223,8 @@ def consume(pf: Prefetcher, unit: int, hold: float = 0.0) -> None:
 
 def test_prefetcher_delivers_correct_bytes_over_passes(layer_dir):
     directory, manifests, tensors = layer_dir
-    store = DiskStore(directory, manifests)
-    with Prefetcher(store, list(manifests), n_buffers=2) as pf:
+    store = DiskStore(directory, manifests, direct=None, io_threads=2)
+    with store, Prefetcher(store, list(manifests), n_buffers=2) as pf:
         ptrs = set()
         for _ in range(3):
             for unit in manifests:
@@ -317,8 +317,9 @@ def test_prefetcher_misuse_raises():
 
 def test_prefetcher_rejects_disk_store_on_cuda(layer_dir):
     directory, manifests, _ = layer_dir
-    with pytest.raises(SubspecError, match="CPU buffers only"):
-        Prefetcher(DiskStore(directory, manifests), [0, 1], device="cuda")
+    with DiskStore(directory, manifests) as store:
+        with pytest.raises(SubspecError, match="CPU buffers only"):
+            Prefetcher(store, [0, 1], device="cuda")
 
 
 def test_close_joins_threads():

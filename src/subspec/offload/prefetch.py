@@ -57,8 +57,11 @@ class PrefetchStats:
 class Prefetcher:
     """Streams ``units`` (in consumption order, cyclically) from ``store`` into ``n_buffers``.
 
-    ``device``: where buffers live ("cpu" or a CUDA device). ``n_threads``: reader threads
-    (CPU); each reads a different unit. Buffers are allocated once, sized to the largest unit.
+    ``device``: where buffers live ("cpu" or a CUDA device). ``n_threads``: reader threads,
+    each reading a different unit; a second one only helps with ``n_buffers >= 3`` (with 2
+    buffers and one held, one buffer is free), and DiskStore already keeps several pieces of
+    one unit in flight. Buffers are allocated once, sized to the largest unit. ``close()``
+    does not close the store.
     """
 
     def __init__(
