@@ -90,7 +90,7 @@ def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, full_bytes,
     """A draft equal to the target (no quantization; or the target as its own classic draft):
     every round accepts depth tokens, so tau = depth + 1 until the token limit. (16-bit
     substitutes cost what the layers cost, so that subspec engine keeps everything resident.)"""
-    spec = SpecConfig(depth=4, width=1, bits=16)
+    spec = SpecConfig(depth=4, width=1, bits=16, head_bits=16)
     budget = 2 * full_bytes - 50_000 if method == "classic" else None
     engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_model_dir)
     assert engine.placement.streams == (method == "classic")

@@ -27,6 +27,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--width", type=int, default=SpecConfig.width, help="tree width k")
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
     s.add_argument("--bits", type=int, default=SpecConfig.bits, help="substitute bit width")
+    s.add_argument("--draft-head-bits", type=int, default=SpecConfig.head_bits,
+                   help="bit width of the draft's LM head (16 = share the target's)")  # fmt: skip
     s.add_argument("--draft-model", default=None, help="draft model for --method classic")
 
 
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
         depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
-        bits=args.bits,
+        bits=args.bits, head_bits=args.draft_head_bits,
     )  # fmt: skip
 
 

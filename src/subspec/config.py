@@ -147,6 +147,7 @@ class SpecConfig:
     draft_temperature: float = 0.2
     bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
     group_size: int = 64
+    head_bits: int = 4  # the draft's LM head: a low-bit substitute, or 16 to share the target's
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.width < 1:
@@ -155,6 +156,8 @@ class SpecConfig:
             raise SubspecError(f"draft temperature must be > 0, got {self.draft_temperature}")
         if self.bits not in (2, 3, 4, 8, 16):
             raise SubspecError(f"bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
+        if self.head_bits not in (4, 8, 16):
+            raise SubspecError(f"draft head bits must be 4, 8 or 16, got {self.head_bits}")
 
     @property
     def tree_size(self) -> int:

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import hub
+from . import hub, quant
 from .checkpoint import Checkpoint, lm_head_name
 from .config import DTYPES, ModelConfig, SamplingConfig, SpecConfig
 from .decoding import DecodeStats, speculative, vanilla
@@ -32,6 +32,7 @@ from .weights import (
     ensure_layer_files,
     fingerprint,
     layer_nbytes,
+    load_draft_head,
     load_resident,
     load_substitutes,
     substitute_nbytes,
@@ -83,8 +84,9 @@ class Target:
 class SharedDrafter:
     """SubSpec's draft: the target's model and cache, substitutes in place of streamed layers."""
 
-    def __init__(self, target: Target, layers: LayerSource):
+    def __init__(self, target: Target, layers: LayerSource, lm_head=None):
         self.target, self.layers = target, layers
+        self.lm_head = lm_head  # a low-bit substitute, or None to share the target's
 
     def prefill(self, prompt, chunk) -> None:
         """Nothing to do: the draft reads the prefix KV the target wrote."""
@@ -92,7 +94,7 @@ class SharedDrafter:
     def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
         t = self.target
         hidden = t.model.forward(self.layers, t.cache, tokens, positions, slots, mask, kv_len)
-        return t.model.logits(hidden)
+        return t.model.logits(hidden, self.lm_head)
 
     def commit(self, src_slots, dst_start) -> None:
         """Nothing to do: compacting the shared cache moved the accepted slots."""
@@ -153,7 +155,15 @@ class Engine:
                 m.num_layers, m.num_kv_heads, m.head_dim, self.capacity, dt
             ),
             extra_bytes=self._draft_model_bytes,
+            draft_head_bytes=self._draft_head_bytes() if sub else 0,
         )
+
+    def _draft_head_bytes(self) -> int:
+        m, spec = self.model_cfg, self.cfg.spec
+        if spec.head_bits == 16:
+            return 0
+        return quant.quantized_nbytes(m.vocab_size, m.hidden_size, spec.head_bits,
+                                      spec.group_size, compute_dtype=self.dtype)  # fmt: skip
 
     def _load_target(self, bar: Progress) -> None:
         ckpt = Checkpoint(self.model_dir)
@@ -216,6 +226,16 @@ class Engine:
             ckpt, self.model_cfg, self.placement.streamed_layers, self.dtype, self.device,
             spec.bits, spec.group_size, path, bar,
         )  # fmt: skip
+
+    def _draft_head(self, ckpt: Checkpoint, lm_head: torch.Tensor, bar: Progress):
+        spec = self.cfg.spec
+        if spec.head_bits == 16:
+            return None  # share the target's head
+        path = (
+            self._cache_dir(ckpt) / f"draft-head-b{spec.head_bits}-g{spec.group_size}.safetensors"
+        )
+        return load_draft_head(lm_head, self.dtype, self.device, spec.head_bits, spec.group_size,
+                               path, bar)  # fmt: skip
 
     def _load_classic(self, progress: bool) -> ModelDrafter:
         draft_cfg = EngineConfig(

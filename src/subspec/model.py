@@ -89,7 +89,7 @@ class Model:
     def logits(self, hidden: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:
         """fp32 logits [T, V] from hidden states [T, H]."""
         h = rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
-        return (lm_head or self.lm_head)(h).float()
+        return (self.lm_head if lm_head is None else lm_head)(h).float()
 
     def _layer(self, i, w: LayerWeights, x, cos, sin, cache, slots, attn_mask, kv_len):
         cfg = self.cfg

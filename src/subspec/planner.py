@@ -20,6 +20,7 @@ class ModelSizes:
     norm_bytes: int  # final norm
     kv_bytes: int  # the KV cache for the whole context
     extra_bytes: int = 0  # anything else that must be resident (e.g. a classic draft model)
+    draft_head_bytes: int = 0  # the draft's low-bit LM head, needed only when layers stream
 
 
 @dataclass
@@ -95,6 +96,7 @@ def _breakdown(sizes: ModelSizes, resident: int, n_buffers: int, embed: bool) ->
     return {
         "resident_layers": resident * sizes.layer_bytes,
         "substitutes": streamed * sizes.substitute_bytes,
+        "draft_lm_head": sizes.draft_head_bytes if streamed else 0,
         "staging_buffers": n_buffers * sizes.layer_bytes if streamed else 0,
         "embeddings": sizes.embed_bytes if embed and sizes.lm_head_bytes else 0,
         "lm_head": sizes.lm_head_bytes or sizes.embed_bytes,

@@ -118,6 +118,22 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, bits, group_size, path, p
     return subs
 
 
+def load_draft_head(weight, dtype, device, bits, group_size, path, progress):
+    """The draft's LM head: a low-bit copy of `weight` [V, H], cached at `path`."""
+    meta = {"bits": str(bits), "group_size": str(group_size), "dtype": str(dtype),
+            "shape": str(tuple(weight.shape))}  # fmt: skip
+    cached = quant.load_quantized(path, meta)
+    if cached is None:
+        task = progress and progress.add_task("quantizing the draft LM head", total=1)
+        head = quant.quantize_linear(weight, None, bits=bits, group_size=group_size,
+                                     compute_dtype=dtype)  # fmt: skip
+        cached = {"lm_head": head}
+        quant.save_quantized(path, cached, meta)
+        if task is not None and progress:
+            progress.advance(task)
+    return cached["lm_head"].to(device)
+
+
 def _quantize_layers(ckpt, cfg, layers, dtype, bits, group_size, progress):
     task = progress and progress.add_task(f"quantizing {len(layers)} layers to {bits}-bit",
                                           total=len(layers))  # fmt: skip
