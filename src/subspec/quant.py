@@ -240,10 +240,17 @@ def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype) -> Tensor:
 
 def _bitpack(q: Tensor, bits: int) -> Tensor:
     """``q[n, k]`` -> ``[n, k * bits / 8]`` uint8: each 8 values form ``bits`` little-endian
-    bytes, value ``i`` at bit ``bits * i``."""
+    bytes, value ``i`` at bit ``bits * i`` (for 2 and 4 bits: whole values per byte)."""
+    n, k = q.shape
     if bits == 8:
         return q.contiguous()
-    n, k = q.shape
+    if bits in (2, 4):
+        per = 8 // bits
+        values = q.view(n, k // per, per)  # [n, k / per, per]
+        packed = values[..., 0].clone()
+        for i in range(1, per):
+            packed |= values[..., i] << (bits * i)
+        return packed
     eights = q.view(n, k // 8, 8).to(torch.int32)  # [n, k / 8, 8]
     shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=q.device)
     word = (eights << shifts).sum(-1, dtype=torch.int32)  # [n, k / 8], bits * 8 <= 32 bits
@@ -254,9 +261,13 @@ def _bitpack(q: Tensor, bits: int) -> Tensor:
 
 def _bitunpack(packed: Tensor, bits: int) -> Tensor:
     """Inverse of ``_bitpack``: ``[n, k * bits / 8]`` uint8 -> ``q[n, k]`` uint8."""
+    n = packed.shape[0]
     if bits == 8:
         return packed
-    n = packed.shape[0]
+    if bits in (2, 4):
+        mask = 2**bits - 1
+        values = [packed >> (bits * i) & mask for i in range(8 // bits)]
+        return torch.stack(values, -1).view(n, -1)  # [n, k / per, per] -> [n, k]
     nbytes = packed.view(n, -1, bits).to(torch.int32)  # [n, k / 8, bits]
     byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=packed.device)
     word = (nbytes << byte_shifts).sum(-1, dtype=torch.int32)  # [n, k / 8]
