@@ -78,7 +78,7 @@ def test_subspec_greedy_equals_vanilla(smollm2_dir, smollm2_reference, smollm2_f
 def test_corrupted_substitute_cache_is_rebuilt(smollm2_dir, smollm2_reference, smollm2_full_bytes):
     budget = smollm2_full_bytes // 2
     engine = engine_for(smollm2_dir, ("subspec",), budget=budget)
-    cache_files = list(engine.cache_dir.glob("substitutes-*.safetensors"))
+    cache_files = list(engine.cache_dir.glob("substitutes-*/layer_*.safetensors"))
     assert cache_files
     del engine
     for f in cache_files:

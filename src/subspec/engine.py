@@ -220,21 +220,22 @@ class Engine:
 
     def _substitutes(self, ckpt: Checkpoint, bar: Progress):
         spec = self.cfg.spec
-        path = self.cache_dir / f"substitutes-b{spec.bits}-g{spec.group_size}.safetensors"
+        path = self.cache_dir / f"substitutes-{self._quant_tag(spec.bits)}"
         return load_substitutes(
             ckpt, self.model_cfg, self.placement.streamed_layers, self.dtype, self.device,
-            spec.bits, spec.group_size, path, bar,
+            spec, path, bar,
         )  # fmt: skip
 
     def _draft_head(self, ckpt: Checkpoint, lm_head: torch.Tensor, bar: Progress):
         spec = self.cfg.spec
         if spec.head_bits == 16:
             return None  # share the target's head
-        path = (
-            self.cache_dir / f"draft-head-b{spec.head_bits}-g{spec.group_size}.safetensors"
-        )
-        return load_draft_head(lm_head, self.dtype, self.device, spec.head_bits, spec.group_size,
-                               path, bar)  # fmt: skip
+        path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}.safetensors"
+        return load_draft_head(lm_head, self.dtype, self.device, spec, path, bar)
+
+    def _quant_tag(self, bits: int) -> str:
+        spec = self.cfg.spec
+        return f"b{bits}-g{spec.group_size}-{'hqq' if spec.hqq_optimize else 'rtn'}"
 
     def _load_classic(self, progress: bool) -> ModelDrafter:
         draft_cfg = EngineConfig(

@@ -98,56 +98,56 @@ def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Prog
     return manifests
 
 
-def load_substitutes(ckpt, cfg, layers, dtype, device, bits, group_size, path, progress):
-    """Low-bit substitutes of `layers`, from the cache at `path` or quantized now and cached.
+def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, progress):
+    """Low-bit substitutes of `layers`, one cache file per layer in `directory` (so that any
+    budget reuses them and an interrupted build keeps its finished layers).
 
-    bits == 16 gives full-precision copies: a draft identical to the target."""
-    if bits == 16:
+    spec.bits == 16 gives full-precision copies: a draft identical to the target."""
+    if spec.bits == 16:
         return load_resident(ckpt, cfg, layers, dtype, device)
-    meta = {"layers": ",".join(map(str, layers)), "bits": str(bits), "group_size": str(group_size),
-            "dtype": str(dtype)}  # fmt: skip
-    cached = quant.load_quantized(path, meta)
-    if cached is None:
-        cached = _quantize_layers(ckpt, cfg, layers, dtype, bits, group_size, progress)
-        quant.save_quantized(path, cached, meta)
+    meta = _quant_meta(spec, spec.bits, dtype)
+    cached = {i: quant.load_quantized(directory / f"layer_{i:05d}.safetensors", meta)
+              for i in layers}  # fmt: skip
+    missing = [i for i in layers if cached[i] is None]
+    task = progress and missing and progress.add_task(
+        f"quantizing {len(missing)} layers to {spec.bits}-bit", total=len(missing))  # fmt: skip
+    for i in missing:
+        t = layer_tensors(ckpt, cfg, i, dtype)
+        cached[i] = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
+                                     spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
+        directory.mkdir(parents=True, exist_ok=True)
+        quant.save_quantized(directory / f"layer_{i:05d}.safetensors", cached[i], meta)
+        if task is not None and progress:
+            progress.advance(task)
     subs = {}
     for i in layers:
         tensors = {k: v.to(device) for k, v in _norms(ckpt, cfg, i, dtype).items()}
-        linears = {name: cached[f"{i}.{name}"].to(device) for name in LINEAR_NAMES}
+        linears = {name: cached[i][name].to(device) for name in LINEAR_NAMES}
         subs[i] = substitute_layer(tensors, linears)
     return subs
 
 
-def load_draft_head(weight, dtype, device, bits, group_size, path, progress):
+def _quant_meta(spec, bits: int, dtype) -> dict[str, str]:
+    return {"bits": str(bits), "group_size": str(spec.group_size), "dtype": str(dtype),
+            "optimize": str(spec.hqq_optimize)}  # fmt: skip
+
+
+def _quantize(weight, bias, spec, bits, dtype):
+    return quant.quantize_linear(weight, bias, bits=bits, group_size=spec.group_size,
+                                 compute_dtype=dtype, optimize=spec.hqq_optimize)  # fmt: skip
+
+
+def load_draft_head(weight, dtype, device, spec, path, progress):
     """The draft's LM head: a low-bit copy of `weight` [V, H], cached at `path`."""
-    meta = {"bits": str(bits), "group_size": str(group_size), "dtype": str(dtype),
-            "shape": str(tuple(weight.shape))}  # fmt: skip
-    cached = quant.load_quantized(path, meta)
-    if cached is None:
+    meta = {"shape": str(tuple(weight.shape)), **_quant_meta(spec, spec.head_bits, dtype)}
+    head = quant.load_quantized(path, meta)
+    if head is None:
         task = progress and progress.add_task("quantizing the draft LM head", total=1)
-        head = quant.quantize_linear(weight, None, bits=bits, group_size=group_size,
-                                     compute_dtype=dtype)  # fmt: skip
-        cached = {"lm_head": head}
-        quant.save_quantized(path, cached, meta)
+        head = {"lm_head": _quantize(weight, None, spec, spec.head_bits, dtype)}
+        quant.save_quantized(path, head, meta)
         if task is not None and progress:
             progress.advance(task)
-    return cached["lm_head"].to(device)
-
-
-def _quantize_layers(ckpt, cfg, layers, dtype, bits, group_size, progress):
-    task = progress and progress.add_task(f"quantizing {len(layers)} layers to {bits}-bit",
-                                          total=len(layers))  # fmt: skip
-    out = {}
-    for i in layers:
-        t = layer_tensors(ckpt, cfg, i, dtype)
-        for name in LINEAR_NAMES:
-            out[f"{i}.{name}"] = quant.quantize_linear(
-                t[f"{name}.weight"], t.get(f"{name}.bias"), bits=bits, group_size=group_size,
-                compute_dtype=dtype,
-            )  # fmt: skip
-        if task is not None and progress:
-            progress.advance(task)
-    return out
+    return head["lm_head"].to(device)
 
 
 def _norms(ckpt, cfg, i, dtype) -> dict[str, torch.Tensor]:
