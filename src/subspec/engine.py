@@ -190,9 +190,9 @@ class Engine:
         self.subspec = None
         if "subspec" in self.cfg.methods:
             subs = self._substitutes(ckpt, bar) if p.streamed_layers else {}
-            self.subspec = SharedDrafter(
-                self.target, LayerSource({**resident, **subs}, m.num_layers)
-            )
+            head = self._draft_head(ckpt, lm_head, bar) if p.streamed_layers else None
+            layers = LayerSource({**resident, **subs}, m.num_layers)
+            self.subspec = SharedDrafter(self.target, layers, head)
         ckpt.close()
 
     def _embedding(self, ckpt: Checkpoint, lm_head: torch.Tensor) -> Embedding:

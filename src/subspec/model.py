@@ -81,7 +81,7 @@ class Model:
         """Run the decoder; returns final hidden states [T, H] (before the final norm)."""
         x = self.embed(tokens)  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        attn_mask = None if mask is None else mask[None]  # [1, T, kv_len]
+        attn_mask = mask
         for i, w in layers:
             x = self._layer(i, w, x, cos, sin, cache, slots, attn_mask, kv_len)
         return x
@@ -102,12 +102,33 @@ class Model:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [Hq|Hkv, T, D]
         cache.write(i, slots, k, v)
         keys, values = cache.view(i, kv_len)  # [Hkv, kv_len, D]
-        attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=hq != hkv
-        )  # [1, Hq, T, D]
-        x = x + w.o(attn[0].transpose(0, 1).reshape(t, hq * d))
+        attn = attention(q, keys, values, attn_mask)  # [Hq, T, D]
+        x = x + w.o(attn.transpose(0, 1).reshape(t, hq * d))
         gate, up = w.gate_up(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)).chunk(2, dim=-1)
         return x + w.down(F.silu(gate) * up)
+
+
+SMALL_QUERY = 64  # up to this many queries, explicit grouped attention beats SDPA on CPU
+
+
+def attention(q, keys, values, mask) -> torch.Tensor:
+    """Grouped-query attention. q: [Hq, T, D]; keys, values: [Hkv, S, D]; mask: [T, S] bool
+    (True = attend) or None. Returns [Hq, T, D].
+
+    Small T (decode steps, draft levels, trees) use explicit matmuls over the query groups,
+    measured 2-3x faster than SDPA's masked GQA path here; long prefill chunks use SDPA."""
+    hq, t, d = q.shape
+    hkv = keys.shape[0]
+    if t > SMALL_QUERY:
+        return F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, enable_gqa=hq != hkv
+        )[0]
+    grouped = q.reshape(hkv, (hq // hkv) * t, d)  # [Hkv, G T, D], heads of a group adjacent
+    scores = (grouped @ keys.transpose(1, 2)) * d**-0.5  # [Hkv, G T, S]
+    if mask is not None:
+        scores = scores.view(hkv, hq // hkv, t, -1).masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(-1).to(q.dtype).view(hkv, (hq // hkv) * t, -1)
+    return (probs @ values).view(hq, t, d)
 
 
 def causal_mask(start: int, t: int, device) -> torch.Tensor:
