@@ -34,15 +34,14 @@ def run_bench(args) -> dict:
     prompts = _prompts(args)
     results, bound, prompt_ids = {}, None, None
     for method in methods:
-        if method == "hf":
-            results["hf"] = _run_hf(args, prompt_ids)
-            continue
-        engine = _engine(args, method)
-        prompt_ids = [_encode(engine, p) for p in prompts]
-        results[method] = _run_engine(engine, method, prompt_ids, args.max_new_tokens)
-        if method == "vanilla":
-            bound = _bound(engine, results["vanilla"])
-        del engine
+        try:
+            results[method], prompt_ids, b = _run_method(args, method, prompts, prompt_ids)
+        except SubspecError as e:
+            if method == "vanilla":
+                raise
+            print(f"[{method}] skipped: {e}", file=sys.stderr)
+            results[method] = {"error": str(e)}
+        bound = bound or b
         gc.collect()
     _compare(results)
     report = {"config": _config(args, methods, prompts), "bound": bound, "results": results}
@@ -50,6 +49,18 @@ def run_bench(args) -> dict:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
     return report
+
+
+def _run_method(args, method, prompts, prompt_ids):
+    """(result, the prompts' token ids, the disk bound if this run measured it)."""
+    if method == "hf":
+        return _run_hf(args, prompt_ids), prompt_ids, None
+    engine = _engine(args, method)
+    prompt_ids = [_encode(engine, p) for p in prompts]
+    result = _run_engine(engine, method, prompt_ids, args.max_new_tokens)
+    bound = _bound(engine, result) if method == "vanilla" else None
+    engine.close()
+    return result, prompt_ids, bound
 
 
 def _prompts(args) -> list[str]:
@@ -159,6 +170,8 @@ def _compare(results: dict) -> None:
     """Speedups against vanilla, and whether each method's greedy outputs equal vanilla's."""
     ref = results["vanilla"]
     for r in results.values():
+        if "error" in r:
+            continue
         r["speedup_vs_vanilla"] = (
             r["tokens_per_s"] / ref["tokens_per_s"] if ref["tokens_per_s"] else 0
         )
@@ -198,6 +211,9 @@ def _print_table(report: dict) -> None:
                 "verify s", "wait s"):  # fmt: skip
         table.add_column(col, justify="right")
     for name, r in report["results"].items():
+        if "error" in r:
+            table.add_row(name, "failed", "", "", "", "", "", "", "")
+            continue
         same = "yes" if r["outputs_identical_to_vanilla"] else (
             f"no ({len(r['divergences'])}, {r['divergences_at_near_tie']} near-tie)")  # fmt: skip
         table.add_row(

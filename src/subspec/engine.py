@@ -55,6 +55,7 @@ class EngineConfig:
     draft_model: str | None = None  # classic speculation's draft
     prefill_chunk: int = 512
     n_buffers: int = 2
+    map_embeddings: bool = False  # read embedding rows from the checkpoint even when all fits
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -144,12 +145,13 @@ class Engine:
         item = torch.empty((), dtype=dt).element_size()
         spec = self.cfg.spec
         sub = "subspec" in self.cfg.methods
+        table = m.vocab_size * m.hidden_size * item  # embeddings or LM head
         return ModelSizes(
             num_layers=m.num_layers,
             layer_bytes=layer_nbytes(m, dt),
             substitute_bytes=substitute_nbytes(m, spec.bits, spec.group_size, dt) if sub else 0,
-            embed_bytes=m.vocab_size * m.hidden_size * item,
-            lm_head_bytes=0 if self._tied else m.vocab_size * m.hidden_size * item,
+            embed_bytes=0 if self.cfg.map_embeddings and not self._tied else table,
+            lm_head_bytes=0 if self._tied else table,
             norm_bytes=m.hidden_size * item,
             kv_bytes=KVCache.nbytes_for(
                 m.num_layers, m.num_kv_heads, m.head_dim, self.capacity, dt
@@ -198,7 +200,7 @@ class Engine:
     def _embedding(self, ckpt: Checkpoint, lm_head: torch.Tensor) -> Embedding:
         if self._tied:
             return Embedding(weight=lm_head)
-        if self.placement.embed_resident:
+        if self.placement.embed_resident and not self.cfg.map_embeddings:
             return Embedding(
                 weight=ckpt.get("model.embed_tokens.weight", self.dtype).to(self.device)
             )
@@ -241,6 +243,7 @@ class Engine:
         draft_cfg = EngineConfig(
             model=self.cfg.draft_model, dtype=self.cfg.dtype, device=self.cfg.device,
             context=self.cfg.context, spec=self.cfg.spec, methods=("vanilla",),
+            map_embeddings=True,  # the draft's embedding rows need not take budget either
         )  # fmt: skip
         draft = Engine(draft_cfg, progress=progress)
         if draft.model_cfg.vocab_size != self.model_cfg.vocab_size:
@@ -268,6 +271,12 @@ class Engine:
 
     def _drafter(self, method: str):
         return {"subspec": self.subspec, "classic": self.classic}.get(method)
+
+    def close(self) -> None:
+        """Stop the prefetcher's threads and close the slow tier's files."""
+        if self.streamed is not None:
+            self.prefetcher.close()
+            self.prefetcher.store.close()
 
     def reset(self, method: str) -> None:
         """Forget the previous request's cache and counters."""

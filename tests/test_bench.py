@@ -1,0 +1,34 @@
+"""`subspec bench` on a tiny model: the JSON report has the promised shape (no timing asserts)."""
+
+import json
+
+from subspec.cli import main
+
+
+def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n{"prompt": "this is a test"}\n')
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--model", str(tiny_model_dir), "--methods", "vanilla,subspec,classic,hf",
+        "--draft-model", str(tiny_model_dir), "--prompts-file", str(prompts), "--samples", "2",
+        "--max-new-tokens", "8", "--memory-budget", "700kB", "--context", "256", "--dtype", "float32",
+        "--depth", "3", "--width", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["config"]["methods"] == ["vanilla", "subspec", "classic", "hf"]
+    assert set(report["bound"]) >= {"disk_read_bytes_per_s", "streamed_bytes_per_token",
+                                    "tokens_per_s"}  # fmt: skip
+    results = report["results"]
+    for method in ("vanilla", "subspec", "hf"):
+        r = results[method]
+        for key in ("tokens_per_s", "speedup_vs_vanilla", "peak_rss_bytes",
+                    "outputs_identical_to_vanilla", "outputs"):  # fmt: skip
+            assert key in r, (method, key)
+        assert r["outputs_identical_to_vanilla"], (method, r["divergences"])
+        assert len(r["outputs"]) == 2
+    assert results["subspec"]["tau"] >= 1
+    assert "draft_s" in results["subspec"] and "verify_s" in results["subspec"]
+    # the target as its own classic draft does not fit next to itself in 700 kB: reported, not fatal
+    assert "error" in results["classic"] and "minimum" in results["classic"]["error"]
