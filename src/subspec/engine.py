@@ -17,16 +17,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from . import hub, quant
 from .checkpoint import Checkpoint, lm_head_name
 from .config import DTYPES, ModelConfig, SamplingConfig, SpecConfig
-from .decoding import DecodeStats, speculative, vanilla
+from .decoding import DecodeStats, prefill, speculative, vanilla
 from .errors import SubspecError
 from .kv_cache import KVCache
 from .layers import LayerSource, dense
+from .memory import current_rss_bytes, release_free_memory
 from .model import Embedding, Model
-from .offload.layer_file import tensors_from_buffer
+from .offload.layer_file import layer_path, tensors_from_buffer
 from .offload.prefetch import Prefetcher
 from .offload.stores import DiskStore, PinnedHostStore
 from .planner import ModelSizes, Placement, plan
-from .tokenizer import load_tokenizer
+from .tokenizer import encode, load_tokenizer
 from .weights import (
     StreamedLayers,
     ensure_layer_files,
@@ -108,8 +109,6 @@ class ModelDrafter:
         self.target = target
 
     def prefill(self, prompt, chunk) -> None:
-        from .decoding import prefill
-
         prefill(self.target, prompt, chunk)
 
     def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
@@ -129,6 +128,7 @@ class Engine:
         self.model_dir = hub.resolve_model(cfg.model, progress=progress)
         self.model_cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
         self.eos_ids = set(self.model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -137,6 +137,7 @@ class Engine:
         self.classic = self._load_classic(progress) if "classic" in cfg.methods else None
         with _progress(progress) as bar:
             self._load_target(bar)
+        release_free_memory()
 
     # ---- loading ----------------------------------------------------------------------------
 
@@ -303,19 +304,16 @@ class Engine:
             "transfer_wait_s": round(self.prefetcher.stats.wait_s, 4) if self.streamed else 0.0,
             "memory_budget_bytes": p.budget_bytes,
             "resident_bytes": p.resident_bytes,
+            "rss_before_load_bytes": self.rss_before_load,
             "placement": p.to_dict(),
         }
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         """Token ids of a prompt, through the model's chat template when `chat`."""
-        from .tokenizer import encode
-
         return encode(self.tokenizer, prompt, chat)
 
 
 def _read_layer(directory: Path, i: int, manifest) -> dict[str, torch.Tensor]:
-    from .offload.layer_file import layer_path
-
     data = torch.from_file(
         str(layer_path(directory, i)), size=manifest.file_bytes, dtype=torch.uint8
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from pathlib import Path
 
@@ -34,3 +35,12 @@ def current_rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: measured ~0.4 GB of
+    loading temporaries still counted in RSS for the 1.5B model)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc

@@ -522,9 +522,10 @@ def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, Qu
     layers = {}
     for name, (out_f, in_f, bits, group_size) in json.loads(metadata["layers"]).items():
         q = _bitunpack(tensors[f"{name}.qweight"].to(device), bits).view(out_f, in_f)
-        sz = tensors[f"{name}.scales_and_zeros"].to(device)
+        # copies: a view would keep the whole file mapped (and counted in RSS) for good
+        sz = tensors[f"{name}.scales_and_zeros"].to(device, copy=True)
         bias = tensors.get(f"{name}.bias")
-        bias = None if bias is None else bias.to(device)
+        bias = None if bias is None else bias.to(device, copy=True)
         layers[name] = QuantLinear(q, sz, bias, bits=bits, group_size=group_size)
     return layers
 
