@@ -171,7 +171,8 @@ def cmd_chat(args) -> None:
 def cmd_serve(args) -> None:
     from .server import serve
 
-    serve(load_engine(args), args.host, args.port)
+    engine = load_engine(args)  # settles args.method
+    serve(engine, args.host, args.port, method=args.method)
 
 
 def cmd_bench(args) -> None:
