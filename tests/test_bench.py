@@ -12,8 +12,8 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
     code = main([
         "bench", "--model", str(tiny_model_dir), "--methods", "vanilla,subspec,classic,hf",
         "--draft-model", str(tiny_model_dir), "--prompts-file", str(prompts), "--samples", "2",
-        "--max-new-tokens", "8", "--memory-budget", "700kB", "--context", "256", "--dtype", "float32",
-        "--depth", "3", "--width", "2", "--out", str(out),
+        "--max-new-tokens", "8", "--memory-budget", "700kB", "--context", "256",
+        "--dtype", "float32", "--depth", "3", "--width", "2", "--out", str(out),
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())

@@ -86,6 +86,22 @@ def test_classic_greedy_identical(tiny_model_dir, tiny_draft_dir, reference, ful
 
 
 @pytest.mark.parametrize("method", ["subspec", "classic"])
+def test_pruned_tree_greedy_identical(
+    tiny_model_dir, tiny_draft_dir, reference, full_bytes, method
+):
+    """Verifying only the best nodes of a wider tree changes nothing in the output (classic's
+    own cache is compacted from the slots where the pruned nodes were drafted)."""
+    spec = SpecConfig(depth=4, width=3, draft_temperature=0.5, verify_nodes=6)
+    if method == "classic":
+        budget = 2 * full_bytes - 50_000
+    else:
+        budget = max(int(0.8 * full_bytes), minimum_budget(tiny_model_dir, (method,)))
+    engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_draft_dir)
+    for prompt, want in zip(PROMPTS, reference, strict=True):
+        assert generate(engine, method, prompt)[0] == want
+
+
+@pytest.mark.parametrize("method", ["subspec", "classic"])
 def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, full_bytes, method):
     """A draft equal to the target (no quantization; or the target as its own classic draft):
     every round accepts depth tokens, so tau = depth + 1 until the token limit. (16-bit

@@ -83,7 +83,28 @@ def _tree(tokens, parents):
         if p >= 0:
             anc[i] |= anc[p]
             depths[i] = depths[p] + 1
-    return Tree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), anc)
+    n_scores = -torch.tensor(depths, dtype=torch.float32)
+    return Tree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), anc,
+                n_scores, torch.arange(n))  # fmt: skip
+
+
+def test_prune_keeps_best_nodes_with_their_ancestors_renumbered():
+    tree = build_tree(2, 10, depth=3, width=2, temperature=1.0,
+                      step=_chain_step(8, lambda t: t * 2), device="cpu")  # fmt: skip
+    pruned = tree.prune(4)
+    assert pruned.size >= 4 and pruned.origin[0] == 0
+    kept = pruned.origin.tolist()
+    assert sorted(kept) == kept  # parent-first order preserved
+    best = set(torch.topk(tree.scores, 4).indices.tolist())
+    assert best <= set(kept)
+    for i, orig in enumerate(kept):  # same tokens, parents mapped to the new numbering
+        assert pruned.tokens[i] == tree.tokens[orig]
+        p = int(pruned.parents[i])
+        assert (p == -1) == (orig == 0)
+        if p >= 0:
+            assert kept[p] == int(tree.parents[orig])
+    assert torch.equal(pruned.ancestors, tree.ancestors[pruned.origin][:, pruned.origin])
+    assert tree.prune(100) is tree
 
 
 def _onehot(rows, vocab=4):

@@ -26,6 +26,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--depth", type=int, default=SpecConfig.depth, help="tree depth D")
     s.add_argument("--width", type=int, default=SpecConfig.width, help="tree width k")
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
+    s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
+                   help="verify only the best-scoring nodes of the tree (0 = all)")  # fmt: skip
     s.add_argument("--bits", type=int, default=SpecConfig.bits, help="substitute bit width")
     s.add_argument("--draft-head-bits", type=int, default=SpecConfig.head_bits,
                    help="bit width of the draft's LM head (16 = share the target's)")  # fmt: skip
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
         depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
+        verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
     )  # fmt: skip
 

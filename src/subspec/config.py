@@ -146,6 +146,7 @@ class SpecConfig:
     depth: int = 16
     width: int = 2
     draft_temperature: float = 0.2
+    verify_nodes: int = 0  # verify only the best-scoring nodes of the drafted tree (0 = all)
     bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
     group_size: int = 64
     head_bits: int = 4  # the draft's LM head: a low-bit substitute, or 16 to share the target's
@@ -156,6 +157,8 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.depth < 1 or self.width < 1:
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
+        if self.verify_nodes < 0:
+            raise SubspecError(f"verify nodes must be >= 0, got {self.verify_nodes}")
         if not self.draft_temperature > 0:
             raise SubspecError(f"draft temperature must be > 0, got {self.draft_temperature}")
         if self.bits not in (2, 3, 4, 8, 16):

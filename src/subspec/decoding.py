@@ -83,6 +83,7 @@ def speculative(
         tree = build_tree(
             pending, start, spec.depth, spec.width, spec.draft_temperature, drafter.step, device
         )
+        tree = tree.prune(spec.verify_nodes) if spec.verify_nodes else tree
         t1 = time.perf_counter()
         hidden = target.forward(
             tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
@@ -93,9 +94,9 @@ def speculative(
         stats.verify_s += time.perf_counter() - t1
         stats.target_forwards += 1
         stats.accept_lengths.append(len(path))
-        src = torch.tensor(path, dtype=torch.long, device=device) + start
-        cache.compact(src, start + 1)
-        drafter.commit(src, start + 1)
+        path_t = torch.tensor(path, dtype=torch.long, device=device)
+        cache.compact(path_t + start, start + 1)
+        drafter.commit(tree.origin[path_t] + start, start + 1)  # its KV sits where drafted
         cache.length = start + 1 + len(path)
         pending = bonus
         yield tree.tokens[path].tolist() + [bonus]

@@ -20,6 +20,8 @@ class Tree:
     parents: torch.Tensor  # [n] parent node index, -1 for the root
     depths: torch.Tensor  # [n] 0 for the root
     ancestors: torch.Tensor  # [n, n] bool: ancestors[i, j] = j is i or an ancestor of i
+    scores: torch.Tensor  # [n] fp32 path log-probability under the draft (root 0)
+    origin: torch.Tensor  # [n] index of each node in the tree as drafted (its draft KV slot)
 
     @property
     def size(self) -> int:
@@ -35,6 +37,22 @@ class Tree:
         """[n, start + n] bool: every node sees the prefix, its ancestors and itself."""
         prefix = torch.ones(self.size, start, dtype=torch.bool, device=self.tokens.device)
         return torch.cat([prefix, self.ancestors], dim=1)
+
+    def prune(self, keep: int) -> Tree:
+        """The `keep` best-scoring nodes and their ancestors (a path's score never exceeds
+        its parent's, so this is a subtree), renumbered in the same parent-first order."""
+        if keep >= self.size:
+            return self
+        best = torch.topk(self.scores, keep).indices  # the root scores 0, the maximum
+        kept = self.ancestors[best].any(0)  # [n] selected nodes and all their ancestors
+        kept[0] = True
+        new_index = torch.cumsum(kept, 0) - 1  # [n] position of each kept node
+        parents = self.parents[kept]
+        parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
+        return Tree(
+            self.tokens[kept], parents, self.depths[kept], self.ancestors[kept][:, kept],
+            self.scores[kept], self.origin[kept],
+        )  # fmt: skip
 
 
 # A draft forward: (tokens [t], positions [t], slots [t], mask [t, kv_len], kv_len) -> logits [t, V]
@@ -53,6 +71,7 @@ def build_tree(
     parents = torch.full((n_max,), -1, dtype=torch.long, device=device)
     depths = torch.zeros(n_max, dtype=torch.long, device=device)
     anc = torch.zeros(n_max, n_max, dtype=torch.bool, device=device)
+    path_scores = torch.zeros(n_max, dtype=torch.float32, device=device)
     tokens[0], anc[0, 0] = root, True
     frontier = torch.zeros(1, dtype=torch.long, device=device)  # node indices being expanded
     scores = torch.zeros(1, dtype=torch.float32, device=device)  # their path log-probs
@@ -73,7 +92,9 @@ def build_tree(
         new = torch.arange(n, n + width, device=device)
         parent = frontier[flat // logp.shape[-1]]
         tokens[new], parents[new], depths[new] = flat % logp.shape[-1], parent, d + 1
+        path_scores[new] = scores
         anc[new] = anc[parent]
         anc[new, new] = True
         frontier, n = new, n + width
-    return Tree(tokens[:n], parents[:n], depths[:n], anc[:n, :n])
+    origin = torch.arange(n, device=device)
+    return Tree(tokens[:n], parents[:n], depths[:n], anc[:n, :n], path_scores[:n], origin)
