@@ -148,8 +148,6 @@ def _bound(engine, vanilla: dict) -> dict | None:
 
 
 def _run_hf(args, prompt_ids) -> dict:
-    import torch
-
     from . import hub
     from .config import DTYPES, parse_size
     from .hf_baseline import run_hf
@@ -160,10 +158,8 @@ def _run_hf(args, prompt_ids) -> dict:
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     budget = parse_size(args.memory_budget) if args.memory_budget else None
     offload_dir = hub.cache_root() / "hf-offload"
-    res = run_hf(model_dir, prompt_ids, args.max_new_tokens, budget, DTYPES[args.dtype],
-                 offload_dir, eos)  # fmt: skip
-    torch.set_num_threads(torch.get_num_threads())
-    return res
+    dtype = DTYPES[args.dtype]
+    return run_hf(model_dir, prompt_ids, args.max_new_tokens, budget, dtype, offload_dir, eos)
 
 
 def _compare(results: dict) -> None:

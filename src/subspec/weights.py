@@ -3,7 +3,6 @@ low-bit substitutes, the last two cached on disk and keyed by the checkpoint's f
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,14 +27,7 @@ NORM_NAMES = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 def fingerprint(ckpt: Checkpoint) -> str:
     """A short hash of the checkpoint's files (names, sizes, safetensors headers)."""
-    h = hashlib.sha256()
-    for path in sorted(set(ckpt.file_of.values())):
-        h.update(path.name.encode())
-        h.update(str(path.stat().st_size).encode())
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, 1 << 24)))
-    return h.hexdigest()[:16]
+    return quant.safetensors_fingerprint(set(ckpt.file_of.values()))[:16]
 
 
 def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
