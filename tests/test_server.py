@@ -58,7 +58,7 @@ class FakeEngine:
         if prompt_len + max_new_tokens > self.cfg.context:
             raise SubspecError("prompt + new tokens exceeds the context")
 
-    def reset(self, method):
+    def reset(self):
         pass
 
     def decode(self, method, prompt, sampling, gen, stats):

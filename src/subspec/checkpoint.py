@@ -126,14 +126,8 @@ def layer_tensors(ckpt: Checkpoint, cfg: ModelConfig, i: int, dtype) -> dict[str
 
 
 def _check_shapes(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> None:
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    expected = {
-        "qkv.weight": (cfg.qkv_out, h),
-        "o.weight": (h, cfg.num_heads * cfg.head_dim),
-        "gate_up.weight": (2 * f, h),
-        "down.weight": (h, f),
-        "attn_norm": (h,),
-    }
+    expected = {f"{name}.weight": shape for name, shape in cfg.linear_shapes.items()}
+    expected["attn_norm"] = (cfg.hidden_size,)
     for name, shape in expected.items():
         if tuple(t[name].shape) != shape:
             raise SubspecError(

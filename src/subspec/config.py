@@ -46,6 +46,17 @@ class ModelConfig:
     def qkv_out(self) -> int:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each fused linear map of a layer (see layers.LINEAR_NAMES)."""
+        h, f = self.hidden_size, self.intermediate_size
+        return {
+            "qkv": (self.qkv_out, h),
+            "o": (h, self.num_heads * self.head_dim),
+            "gate_up": (2 * f, h),
+            "down": (h, f),
+        }
+
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
         """Read config.json (and generation_config.json for extra EOS ids)."""

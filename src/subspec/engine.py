@@ -279,7 +279,7 @@ class Engine:
             self.prefetcher.close()
             self.prefetcher.store.close()
 
-    def reset(self, method: str) -> None:
+    def reset(self) -> None:
         """Forget the previous request's cache and counters."""
         self.target.cache.length = 0
         if self.classic is not None:

@@ -33,18 +33,16 @@ class TextStream:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+        self.text = ""  # all ids decoded so far
 
     def add(self, ids: list[int]) -> str:
+        """Append ids; returns the new text that is safe to show."""
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.text.endswith("\ufffd"):
             return ""
-        delta, self.sent = text[self.sent :], len(text)
+        delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 def stream_generate(
@@ -62,7 +60,7 @@ def stream_generate(
     engine.check_fits(len(prompt_ids), max_new_tokens, method)
     gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
     stats = DecodeStats()
-    engine.reset(method)
+    engine.reset()
     reset_peak_rss()
     text_stream = TextStream(engine.tokenizer)
     out: list[int] = []

@@ -22,8 +22,6 @@ from .offload.layer_file import (
 )
 from .offload.prefetch import Prefetcher
 
-NORM_NAMES = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
-
 
 def fingerprint(ckpt: Checkpoint) -> str:
     """A short hash of the checkpoint's files (names, sizes, safetensors headers)."""
@@ -33,22 +31,10 @@ def fingerprint(ckpt: Checkpoint) -> str:
 def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of one decoder layer as a staging buffer holds it (4096-aligned tensors)."""
     item = torch.empty((), dtype=dtype).element_size()
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    numels = [cfg.qkv_out * h, h * cfg.num_heads * cfg.head_dim, 2 * f * h, h * f, h, h]
+    numels = [o * i for o, i in cfg.linear_shapes.values()] + [cfg.hidden_size] * 2
     numels += [cfg.qkv_out] if cfg.qkv_bias else []
     numels += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
     return sum(align_up(n * item) for n in numels)
-
-
-def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each fused linear map of a layer."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "qkv": (cfg.qkv_out, h),
-        "o": (h, cfg.num_heads * cfg.head_dim),
-        "gate_up": (2 * f, h),
-        "down": (h, f),
-    }
 
 
 def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> int:
@@ -57,7 +43,8 @@ def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> in
         return layer_nbytes(cfg, dtype)
     item = torch.empty((), dtype=dtype).element_size()
     linears = sum(
-        quant.quantized_nbytes(o, i, bits, group_size) for o, i in linear_shapes(cfg).values()
+        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype)
+        for o, i in cfg.linear_shapes.values()
     )
     extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
     return linears + extras * item
