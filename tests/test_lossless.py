@@ -36,9 +36,9 @@ def generate(engine, method, prompt, max_new=24, sampling=GREEDY):
     return tokens, stats
 
 
-def minimum_budget(model_dir, methods) -> int:
+def minimum_budget(model_dir, methods, dtype="float32") -> int:
     with pytest.raises(SubspecError, match="below this model's minimum") as err:
-        make_engine(model_dir, methods, budget=1)
+        make_engine(model_dir, methods, budget=1, dtype=dtype)
     return int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
 
 
@@ -119,7 +119,9 @@ def test_bf16_divergence_only_at_near_tie(tiny_model_dir, full_bytes):
     """In bf16 batched and one-token passes round differently; any divergence from vanilla
     must sit where vanilla's top-2 logits were nearly tied."""
     vanilla = make_engine(tiny_model_dir, ("vanilla",), dtype="bfloat16")
-    spec = make_engine(tiny_model_dir, ("subspec",), int(0.6 * full_bytes), dtype="bfloat16")
+    budget = max(int(0.6 * full_bytes), minimum_budget(tiny_model_dir, ("subspec",), "bfloat16"))
+    spec = make_engine(tiny_model_dir, ("subspec",), budget, dtype="bfloat16")
+    assert spec.placement.streams
     for prompt in PROMPTS:
         want, vstats = generate(vanilla, "vanilla", prompt)
         got, _ = generate(spec, "subspec", prompt)

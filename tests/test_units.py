@@ -1,12 +1,14 @@
 """Unit tests on tiny tensors: KV compaction, tree masks and positions, the verifier's walk,
-sampling filters, the planner and size parsing."""
+sampling filters, the planner, size parsing, and the widened bf16 matmul and attention."""
 
 import pytest
 import torch
 
+from subspec import layers
 from subspec.config import SamplingConfig, SpecConfig, parse_size
 from subspec.errors import SubspecError
 from subspec.kv_cache import KVCache
+from subspec.model import attention
 from subspec.planner import ModelSizes, plan
 from subspec.sampling import apply_top_k, apply_top_p, target_probs
 from subspec.tree import Tree, build_tree
@@ -194,3 +196,35 @@ def test_plan_refuses_budget_below_minimum_and_names_it():
     assert plan(SIZES, minimum).resident_layers == []
     with pytest.raises(SubspecError, match=str(minimum)):
         plan(SIZES, minimum - 1)
+
+
+@pytest.mark.parametrize("scratch", [1 << 23, 5 * 64 + 7])  # one chunk; many, the last ragged
+def test_widened_linear_is_fp32_math_rounded_once(monkeypatch, scratch):
+    monkeypatch.setattr(layers, "WIDEN_SCRATCH_ELEMENTS", scratch)
+    monkeypatch.setattr(layers._scratch, "buffer", None, raising=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 64, generator=g).bfloat16()  # [out, in]
+    b = torch.randn(100, generator=g).bfloat16()
+    x = torch.randn(layers.WIDEN_MIN_ROWS, 64, generator=g).bfloat16()  # enough rows to widen
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = layers.dense(w, b)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (x.shape[0], 100)
+    # fp32 sums in another order can land one bf16 rounding step away, never more
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5)
+    assert layers._scratch.buffer.numel() == min(scratch, w.numel())  # the widened path ran
+    few = layers.dense(w, b)(x[:2])  # below WIDEN_MIN_ROWS: plain bf16 F.linear
+    assert torch.equal(few, torch.nn.functional.linear(x[:2], w, b))
+
+
+def test_small_query_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 5, 8, generator=g).bfloat16()  # [Hq, T, D]
+    k, v = torch.randn(2, 2, 9, 8, generator=g).bfloat16()  # [Hkv, S, D] each
+    mask = torch.rand(5, 9, generator=g) > 0.3
+    mask[:, 0] = True  # every query attends somewhere
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[None].float(), k[None].float(), v[None].float(), attn_mask=mask, enable_gqa=True
+    )[0]
+    got = attention(q, k, v, mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)

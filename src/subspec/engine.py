@@ -20,7 +20,7 @@ from .config import DTYPES, ModelConfig, SamplingConfig, SpecConfig
 from .decoding import DecodeStats, prefill, speculative, vanilla
 from .errors import SubspecError
 from .kv_cache import KVCache
-from .layers import LayerSource, dense
+from .layers import LayerSource, dense, widen_scratch_bytes
 from .memory import current_rss_bytes, release_free_memory
 from .model import Embedding, Model
 from .offload.layer_file import layer_path, tensors_from_buffer
@@ -147,6 +147,7 @@ class Engine:
         spec = self.cfg.spec
         sub = "subspec" in self.cfg.methods
         table = m.vocab_size * m.hidden_size * item  # embeddings or LM head
+        largest = max(m.vocab_size * m.hidden_size, *(o * i for o, i in m.linear_shapes.values()))
         return ModelSizes(
             num_layers=m.num_layers,
             layer_bytes=layer_nbytes(m, dt),
@@ -159,6 +160,7 @@ class Engine:
             ),
             extra_bytes=self._draft_model_bytes,
             draft_head_bytes=self._draft_head_bytes() if sub else 0,
+            scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
         )
 
     def _draft_head_bytes(self) -> int:

@@ -21,6 +21,7 @@ class ModelSizes:
     kv_bytes: int  # the KV cache for the whole context
     extra_bytes: int = 0  # anything else that must be resident (e.g. a classic draft model)
     draft_head_bytes: int = 0  # the draft's low-bit LM head, needed only when layers stream
+    scratch_bytes: int = 0  # working buffers of the matmul kernels (layers.widened_linear)
 
 
 @dataclass
@@ -103,4 +104,5 @@ def _breakdown(sizes: ModelSizes, resident: int, n_buffers: int, embed: bool) ->
         "norms": sizes.norm_bytes,
         "kv_cache": sizes.kv_bytes,
         "extra": sizes.extra_bytes,
+        "matmul_scratch": sizes.scratch_bytes,
     }
