@@ -200,6 +200,9 @@ def _config(args, methods, prompts) -> dict:
     return cfg
 
 
+WIDE = 132  # columns of the results table when stdout is not a terminal
+
+
 def _print_table(report: dict) -> None:
     table = Table(title=f"subspec bench: {report['config']['model']}, "
                         f"budget {report['config']['memory_budget']}")  # fmt: skip
@@ -221,7 +224,10 @@ def _print_table(report: dict) -> None:
     b = report["bound"]
     if b:
         table.add_row("disk bound", f"{b['tokens_per_s']:.2f}", "", "", "", "", "", "", "")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=WIDE)  # piped or redirected: do not squeeze the columns
+    console.print(table)
     if b:
         share = report["results"]["vanilla"]["tokens_per_s"] / b["tokens_per_s"]
         print(f"disk {format_size(b['disk_read_bytes_per_s'])}/s ({b['store_mode']}), "
