@@ -21,6 +21,7 @@ from .generate import stream_generate
 
 ALL_METHODS = ("vanilla", "subspec", "classic", "hf")
 NEAR_TIE = 0.5  # a bf16 divergence is accepted only where the reference's top-2 logit gap is below
+WIDE = 132  # columns of the results table when stdout is not a terminal
 
 
 def run_bench(args) -> dict:
@@ -198,9 +199,6 @@ def _config(args, methods, prompts) -> dict:
     cfg = {k: getattr(args, k, None) for k in keys}
     cfg.update(methods=methods, prompts=prompts, near_tie_bound=NEAR_TIE)
     return cfg
-
-
-WIDE = 132  # columns of the results table when stdout is not a terminal
 
 
 def _print_table(report: dict) -> None:

@@ -18,7 +18,7 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """A linear map over a full-precision weight [out, in]."""
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+    if not _widens(weight.dtype, weight.device):
         return lambda x: F.linear(x, weight, bias)
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -38,21 +38,24 @@ WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused buffer at most (
 _scratch = threading.local()
 
 
+def _widens(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether dense weights of this dtype on this device go through `widened_linear`."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
+
+
 def widen_scratch_bytes(dtype: torch.dtype, device: torch.device, largest_weight: int) -> int:
     """Bytes of the buffer `widened_linear` grows to for weights of this dtype on this device,
     the largest of them holding `largest_weight` elements."""
-    if dtype != torch.bfloat16 or device.type != "cpu":
-        return 0
-    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4
+    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4 if _widens(dtype, device) else 0
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """F.linear(x, weight, bias) for a bf16 weight [out, in] and many rows x [T, in], computed
     in fp32 (bf16 products are exact in fp32; sums are in fp32, as in a bf16 GEMM) through one
     reused per-thread fp32 buffer, then rounded to x's dtype."""
+    size = min(WIDEN_SCRATCH_ELEMENTS, weight.numel())
     scratch = getattr(_scratch, "buffer", None)
-    if scratch is None or scratch.numel() < min(WIDEN_SCRATCH_ELEMENTS, weight.numel()):
-        size = min(WIDEN_SCRATCH_ELEMENTS, weight.numel())
+    if scratch is None or scratch.numel() < size:
         scratch = _scratch.buffer = torch.empty(size, dtype=torch.float32)
     n_out, n_in = weight.shape
     rows = max(1, scratch.numel() // n_in)  # weight rows widened at a time

@@ -45,7 +45,6 @@ class Tree:
             return self
         best = torch.topk(self.scores, keep).indices  # the root scores 0, the maximum
         kept = self.ancestors[best].any(0)  # [n] selected nodes and all their ancestors
-        kept[0] = True
         new_index = torch.cumsum(kept, 0) - 1  # [n] position of each kept node
         parents = self.parents[kept]
         parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
