@@ -7,7 +7,18 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from subspec import native
 from subspec import quant as Q
+
+needs_vnni = pytest.mark.skipif(
+    native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"
+)
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """Substitutes made while this is active use torch's int4 kernel, not subspec's own."""
+    monkeypatch.setattr(native, "int4_vnni", lambda: None)
 
 
 def _weight(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
@@ -19,21 +30,21 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def _check_forward(m: Q.QuantLinear, bias: torch.Tensor | None = None) -> None:
+def _check_forward(m: Q.QuantLinear, bias: torch.Tensor | None = None, tol=8e-3) -> None:
     x = torch.randn(2, 3, m.in_features, dtype=torch.bfloat16)  # [batch, seq, in]
     ref = x.float() @ m.dequantize().T  # [batch, seq, out]
     if bias is not None:
         ref = ref + bias.float()
     y = m(x)
     assert y.shape == (2, 3, m.out_features) and y.dtype == torch.bfloat16
-    assert _rel_err(y, ref) < 8e-3  # a few bf16 ulps
+    assert _rel_err(y, ref) < tol  # default: a few bf16 ulps
 
 
 @pytest.mark.parametrize(
     "out_f,in_f,group_size",
     [(64, 128, 64), (80, 256, 32), (208, 512, 128), (16, 256, 256), (1536, 192, 64)],
 )
-def test_int4_kernel_matches_dequantize(out_f, in_f, group_size):
+def test_int4_kernel_matches_dequantize(out_f, in_f, group_size, torch_int4):
     bias = torch.randn(out_f, dtype=torch.bfloat16)
     m = Q.quantize_linear(_weight(out_f, in_f), bias, group_size=group_size)
     assert m.layout == "int4_cpu"
@@ -71,7 +82,7 @@ def test_packing_round_trips(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_int4_layout_model_agrees_with_kernel_unpack(bits):
+def test_int4_layout_model_agrees_with_kernel_unpack(bits, torch_int4):
     """Our model of torch's CPU nibble order matches what the kernel itself reads."""
     block = Q._cpu_int4_block_n()
     if block is None:
@@ -80,6 +91,39 @@ def test_int4_layout_model_agrees_with_kernel_unpack(bits):
     packed = Q._expand(m.qdata, bits)  # [out, in / 2]
     by_kernel = Q._unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm_for_cpu)
     assert torch.equal(by_kernel, Q._int4_cpu_layout_unpack(packed, block))
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 2, 5, 9])  # the kernel takes x's rows 4 at a time
+@pytest.mark.parametrize(
+    "out_f,in_f,group_size", [(64, 128, 64), (208, 512, 128), (1536, 256, 256)]
+)
+def test_vnni_kernel_is_exact_for_int8_activations(rows, out_f, in_f, group_size):
+    """subspec's kernel computes sum_k W[n, k] x[k] with x rounded to int8 per 64 values and
+    the zero-point term on the exact x: checked against that formula in float64."""
+    m = Q.quantize_linear(_weight(out_f, in_f), None, group_size=group_size)
+    assert m.layout == "int4_vnni"
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) * 3  # [M, in]
+    blocks = x.double().view(rows, -1, 64)  # [M, in / 64, 64]
+    amax = blocks.abs().amax(-1, keepdim=True)
+    x_int8 = (torch.round(blocks * (127 / amax)) * (amax / 127)).view(rows, in_f)
+    sz = m.scales_and_zeros.double().transpose(0, 1)  # [out, in / g, 2]
+    s, z = sz[..., :1], sz[..., 1:]
+    q = m.unpacked().double().view(out_f, -1, group_size)  # [out, in / g, g]
+    ref = (
+        x_int8 @ (q * s).view(out_f, in_f).T
+        + x.double() @ (z - 8 * s).expand_as(q).reshape(out_f, in_f).T
+    )  # [M, out]
+    y = native.int4_vnni_matmul(x, m.qdata, m.scales_and_zeros, group_size)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@needs_vnni
+def test_vnni_module_close_to_dequantized_reference():
+    bias = torch.randn(208, dtype=torch.bfloat16)
+    m = Q.quantize_linear(_weight(208, 512), bias)
+    assert m.layout == "int4_vnni"
+    _check_forward(m, bias, tol=3e-2)  # int8 activations: about 1% of the largest output
 
 
 def test_error_small_and_decreasing_with_bits():
@@ -107,7 +151,7 @@ def test_quantized_nbytes_matches_tensors(bits, group_size, bias):
     assert m.nbytes() == Q.quantized_nbytes(64, 128, bits, group_size, bias=bias)
 
 
-def test_module_moves_and_dtypes():
+def test_module_moves_and_dtypes(torch_int4):
     m = Q.quantize_linear(_weight(64, 128), None)
     parent = nn.Sequential(m).to("cpu")
     assert parent[0] is m and m.layout == "int4_cpu"
