@@ -6,6 +6,7 @@ callables so that a dense bf16 weight, a streamed weight and a low-bit substitut
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """A linear map over a full-precision weight [out, in]."""
-    if not _widens(weight.dtype, weight.device):
+    if not widens(weight.dtype, weight.device):
         return lambda x: F.linear(x, weight, bias)
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -29,24 +30,33 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     return linear
 
 
-# CPUs without native bf16 GEMM (no AVX512_BF16/AMX) emulate it: measured on this project's
-# dev VM, a bf16 matmul of 33 rows by a decoder layer's weights takes ~65 ms, widening the
-# weights to fp32 chunk by chunk and multiplying in fp32 ~50 ms (65 rows: ~105 vs ~56 ms);
-# below ~24 rows bf16 wins (the matmul is then bound by reading the weights).
+# CPUs without native bf16 GEMM (no AVX512_BF16/AMX) emulate it: measured on such a dev VM,
+# a bf16 matmul of 33 rows by a decoder layer's weights takes ~65 ms, widening the weights to
+# fp32 chunk by chunk and multiplying in fp32 ~50 ms (65 rows: ~105 vs ~56 ms); below ~24 rows
+# bf16 wins (the matmul is then bound by reading the weights). With AVX512_BF16/AMX, oneDNN's
+# bf16 GEMM wins at every size (33 rows by 17920 x 1536: 11 ms bf16, 49 ms widened).
 WIDEN_MIN_ROWS = 24
 WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused buffer at most (32 MiB)
 _scratch = threading.local()
 
 
-def _widens(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether dense weights of this dtype on this device go through `widened_linear`."""
-    return dtype == torch.bfloat16 and device.type == "cpu"
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def widens(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether bf16 math on this device is faster widened to fp32: dense weights of this dtype
+    then go through `widened_linear`, and small attention runs in fp32."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16()
 
 
 def widen_scratch_bytes(dtype: torch.dtype, device: torch.device, largest_weight: int) -> int:
     """Bytes of the buffer `widened_linear` grows to for weights of this dtype on this device,
     the largest of them holding `largest_weight` elements."""
-    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4 if _widens(dtype, device) else 0
+    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4 if widens(dtype, device) else 0
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

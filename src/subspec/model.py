@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import LayerSource, LayerWeights, Linear
+from .layers import LayerSource, LayerWeights, Linear, widens
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,8 +124,8 @@ def attention(q, keys, values, mask) -> torch.Tensor:
             q[None], keys[None], values[None], attn_mask=mask, enable_gqa=hq != hkv
         )[0]
     # CPUs without native bf16 matmuls run these small bf16 bmms 2.5-3x slower than widening
-    # q, K and V to fp32 and computing in fp32 (measured on this project's dev VM).
-    wide = torch.float32 if q.device.type == "cpu" else q.dtype
+    # q, K and V to fp32 and computing in fp32 (measured on such a dev VM).
+    wide = torch.float32 if widens(q.dtype, q.device) else q.dtype
     grouped = q.reshape(hkv, (hq // hkv) * t, d).to(wide)  # [Hkv, G T, D], a group adjacent
     scores = (grouped @ keys.to(wide).transpose(1, 2)) * d**-0.5  # [Hkv, G T, S]
     if mask is not None:
