@@ -68,8 +68,9 @@ def test_greedy_identical_to_resident_vanilla(tiny_model_dir, reference, full_by
     engine = make_engine(tiny_model_dir, (method,), budget)
     if share is not None:
         assert engine.placement.streams and engine.placement.resident_bytes <= budget
-    if share == 0.0:
+    if share == 0.0:  # the minimum: every layer and the LM head stream
         assert engine.placement.resident_layers == []
+        assert not engine.placement.lm_head_resident
     for prompt, want in zip(PROMPTS, reference, strict=True):
         tokens, stats = generate(engine, method, prompt)
         assert tokens == want

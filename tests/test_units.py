@@ -191,9 +191,19 @@ def test_plan_streams_what_does_not_fit_and_respects_budget():
     assert p.breakdown["staging_buffers"] == 200
 
 
+def test_plan_streams_the_lm_head_only_when_no_layer_fits_beside_it():
+    with_head = 10 * 30 + 2 * 100 + 200 + 1 + 50  # no layer resident, the LM head resident
+    p = plan(SIZES, with_head)
+    assert p.resident_layers == [] and p.lm_head_resident
+    p = plan(SIZES, with_head - 1)
+    assert p.resident_layers == [] and not p.lm_head_resident and not p.embed_resident
+    assert p.breakdown["lm_head"] == 0 and p.resident_bytes == with_head - 200
+    assert "+ the LM head streamed" in p.summary()
+
+
 def test_plan_refuses_budget_below_minimum_and_names_it():
-    minimum = 10 * 30 + 2 * 100 + 200 + 1 + 50
-    assert plan(SIZES, minimum).resident_layers == []
+    minimum = 10 * 30 + 2 * 100 + 1 + 50  # the LM head streams through the layer buffers
+    assert not plan(SIZES, minimum).lm_head_resident
     with pytest.raises(SubspecError, match=str(minimum)):
         plan(SIZES, minimum - 1)
 

@@ -29,7 +29,9 @@ from .offload.stores import DiskStore, PinnedHostStore
 from .planner import ModelSizes, Placement, plan
 from .tokenizer import encode, load_tokenizer
 from .weights import (
+    StreamedHead,
     StreamedLayers,
+    ensure_head_files,
     ensure_layer_files,
     fingerprint,
     layer_nbytes,
@@ -182,12 +184,14 @@ class Engine:
         self.streamed = None
         if p.streamed_layers:
             self.streamed = self._stream(ckpt, bar)
-        lm_head = ckpt.get(lm_head_name(ckpt, m), self.dtype).to(self.device)
+        lm_head = self._full_lm_head(ckpt)
         final_norm = ckpt.get("model.norm.weight", self.dtype).to(self.device)
         embed = self._embedding(ckpt, lm_head)
-        self.model = Model(
-            m, embed, final_norm, dense(lm_head), self.dtype, self.device, self.capacity
-        )
+        if p.lm_head_resident:
+            head = dense(lm_head)
+        else:
+            head = StreamedHead(self.streamed, self._head_units)
+        self.model = Model(m, embed, final_norm, head, self.dtype, self.device, self.capacity)
         cache = KVCache(
             m.num_layers, m.num_kv_heads, m.head_dim, self.capacity, self.dtype, self.device
         )
@@ -200,8 +204,21 @@ class Engine:
             self.subspec = SharedDrafter(self.target, layers, head)
         ckpt.close()
 
-    def _embedding(self, ckpt: Checkpoint, lm_head: torch.Tensor) -> Embedding:
-        if self._tied:
+    def _full_lm_head(self, ckpt: Checkpoint) -> torch.Tensor | None:
+        """The LM head [V, H] in fast memory: resident, or loaded only to build the draft's
+        low-bit copy from it (then dropped); None when the head streams and nothing needs it."""
+        p, spec = self.placement, self.cfg.spec
+        if not p.lm_head_resident and "subspec" in self.cfg.methods and spec.head_bits == 16:
+            raise SubspecError(
+                "--draft-head-bits 16 shares the target's LM head, but at this budget the head "
+                "streams: use a low-bit draft head or a larger budget"
+            )
+        if p.lm_head_resident or "subspec" in self.cfg.methods:
+            return ckpt.get(lm_head_name(ckpt, self.model_cfg), self.dtype).to(self.device)
+        return None
+
+    def _embedding(self, ckpt: Checkpoint, lm_head: torch.Tensor | None) -> Embedding:
+        if self._tied and self.placement.lm_head_resident:
             return Embedding(weight=lm_head)
         if self.placement.embed_resident and not self.cfg.map_embeddings:
             return Embedding(
@@ -212,14 +229,26 @@ class Engine:
         )
 
     def _stream(self, ckpt: Checkpoint, bar: Progress) -> StreamedLayers:
-        layers = self.placement.streamed_layers
+        """Layer files (and LM head chunks when the head streams) and their prefetcher, which
+        reads them in the order a forward pass and its logits consume them."""
+        m, layers = self.model_cfg, self.placement.streamed_layers
         directory = self.cache_dir / "layers"
-        manifests = ensure_layer_files(ckpt, self.model_cfg, layers, self.dtype, directory, bar)
+        manifests = ensure_layer_files(ckpt, m, layers, self.dtype, directory, bar)
+        self._head_units = []
+        if not self.placement.lm_head_resident:
+
+            def load_head():
+                return ckpt.get(lm_head_name(ckpt, m), self.dtype)
+
+            head = ensure_head_files(load_head, m, self.dtype, m.num_layers, directory, bar)
+            manifests |= head
+            self._head_units = list(head)
+        units = layers + self._head_units
         if self.device.type == "cpu":
             store = DiskStore(directory, manifests)
         else:
-            store = PinnedHostStore({i: _read_layer(directory, i, manifests[i]) for i in layers})
-        self.prefetcher = Prefetcher(store, layers, self.cfg.n_buffers, self.device)
+            store = PinnedHostStore({i: _read_layer(directory, i, manifests[i]) for i in units})
+        self.prefetcher = Prefetcher(store, units, self.cfg.n_buffers, self.device)
         self.store_mode = getattr(store, "mode", "pinned-host")
         return StreamedLayers(self.prefetcher, manifests)
 

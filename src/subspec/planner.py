@@ -35,6 +35,7 @@ class Placement:
     n_buffers: int
     buffer_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes in fast memory
+    lm_head_resident: bool = True  # False: the LM head streams too, in vocabulary chunks
 
     @property
     def resident_bytes(self) -> int:
@@ -52,9 +53,10 @@ class Placement:
     def summary(self) -> str:
         """A few human-readable lines for --verbose."""
         n = len(self.resident_layers) + len(self.streamed_layers)
+        head = "" if self.lm_head_resident else " + the LM head"
         lines = [
             f"placement: {len(self.resident_layers)}/{n} decoder layers resident, "
-            f"{len(self.streamed_layers)} streamed through {self.n_buffers} buffers "
+            f"{len(self.streamed_layers)}{head} streamed through {self.n_buffers} buffers "
             f"of {format_size(self.buffer_bytes)}",
             "  fast memory: "
             + ", ".join(f"{k} {format_size(v)}" for k, v in self.breakdown.items() if v),
@@ -72,27 +74,33 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
 
     When the model streams, embedding rows are read from the checkpoint on demand (unless the
     embeddings are the tied LM head, which is resident anyway): a resident layer saves a
-    transfer on every pass, a resident embedding table saves almost nothing.
+    transfer on every pass, a resident embedding table saves almost nothing. Only when no
+    layer fits beside it does the LM head stream too, in chunks no larger than a layer, through
+    the same buffers: that sets the minimum budget.
     """
-    everything = _breakdown(sizes, sizes.num_layers, 0, True)
+    everything = _breakdown(sizes, sizes.num_layers, 0, True, True)
     if budget is None or sum(everything.values()) <= budget:
         return Placement(budget, list(range(sizes.num_layers)), [], True, 0, 0, everything)
-    for resident in range(sizes.num_layers - 1, -1, -1):
-        parts = _breakdown(sizes, resident, n_buffers, sizes.lm_head_bytes == 0)
+    layers = list(range(sizes.num_layers))
+    tied = sizes.lm_head_bytes == 0
+    options = [(r, True) for r in range(sizes.num_layers - 1, -1, -1)] + [(0, False)]
+    for resident, head in options:
+        parts = _breakdown(sizes, resident, n_buffers, tied and head, head)
         if sum(parts.values()) <= budget:
-            layers = list(range(sizes.num_layers))
             return Placement(
-                budget, layers[:resident], layers[resident:], sizes.lm_head_bytes == 0,
-                n_buffers, sizes.layer_bytes, parts,
+                budget, layers[:resident], layers[resident:], tied and head, n_buffers,
+                sizes.layer_bytes, parts, lm_head_resident=head,
             )  # fmt: skip
-    minimum = sum(_breakdown(sizes, 0, n_buffers, sizes.lm_head_bytes == 0).values())
+    minimum = sum(_breakdown(sizes, 0, n_buffers, False, False).values())
     raise SubspecError(
         f"memory budget {format_size(budget)} is below this model's minimum of "
         f"{format_size(minimum)} ({minimum} bytes) with these settings"
     )
 
 
-def _breakdown(sizes: ModelSizes, resident: int, n_buffers: int, embed: bool) -> dict[str, int]:
+def _breakdown(
+    sizes: ModelSizes, resident: int, n_buffers: int, embed: bool, head: bool
+) -> dict[str, int]:
     streamed = sizes.num_layers - resident
     return {
         "resident_layers": resident * sizes.layer_bytes,
@@ -100,7 +108,7 @@ def _breakdown(sizes: ModelSizes, resident: int, n_buffers: int, embed: bool) ->
         "draft_lm_head": sizes.draft_head_bytes if streamed else 0,
         "staging_buffers": n_buffers * sizes.layer_bytes if streamed else 0,
         "embeddings": sizes.embed_bytes if embed and sizes.lm_head_bytes else 0,
-        "lm_head": sizes.lm_head_bytes or sizes.embed_bytes,
+        "lm_head": (sizes.lm_head_bytes or sizes.embed_bytes) if head else 0,
         "norms": sizes.norm_bytes,
         "kv_cache": sizes.kv_bytes,
         "extra": sizes.extra_bytes,

@@ -3,6 +3,7 @@ low-bit substitutes, the last two cached on disk and keyed by the checkpoint's f
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.progress import Progress
 from . import quant
 from .checkpoint import Checkpoint, layer_tensors
 from .config import ModelConfig
-from .layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
+from .layers import LINEAR_NAMES, LayerWeights, dense, dense_layer, substitute_layer
 from .offload.layer_file import (
     align_up,
     layer_path,
@@ -60,18 +61,44 @@ def load_resident(ckpt, cfg, layers, dtype, device) -> dict[int, LayerWeights]:
 
 def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
     """Write the per-layer files of `layers` once; returns {layer: manifest}."""
+    return _ensure_files(
+        directory, list(layers), lambda i: layer_tensors(ckpt, cfg, i, dtype),
+        "writing layer files", progress,
+    )  # fmt: skip
+
+
+def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Rows of the LM head per streamed chunk: as many as fit a layer's staging buffer."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return layer_nbytes(cfg, dtype) // (cfg.hidden_size * item)
+
+
+def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
+    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
+    chunk files numbered from `first_unit`; returns {unit: manifest}."""
+    rows = head_chunk_rows(cfg, dtype)
+    n_chunks = -(-cfg.vocab_size // rows)
+    units = list(range(first_unit, first_unit + n_chunks))
+    load_once = functools.cache(load_head)
+
+    def chunk(unit: int) -> dict[str, torch.Tensor]:
+        start = (unit - first_unit) * rows
+        return {"weight": load_once()[start : start + rows]}  # [rows, H]
+
+    return _ensure_files(directory, units, chunk, "writing LM head chunks", progress)
+
+
+def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     manifests, missing = {}, []
-    for i in layers:
+    for i in units:
         try:
             manifests[i] = read_manifest(layer_path(directory, i))
         except Exception:  # absent, truncated or stale: rewrite it
             missing.append(i)
-    task = progress and missing and progress.add_task("writing layer files", total=len(missing))
+    task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
-        manifests[i] = write_layer_file(
-            layer_path(directory, i), layer_tensors(ckpt, cfg, i, dtype)
-        )
+        manifests[i] = write_layer_file(layer_path(directory, i), tensors_of(i))
         if task is not None and progress:
             progress.advance(task)
     return manifests
@@ -149,10 +176,31 @@ class StreamedLayers:
         self.bytes_used = 0  # bytes of layers consumed by forward passes
 
     @contextmanager
-    def layer(self, i: int):
-        buf = self.prefetcher.acquire(i)
+    def tensors(self, unit: int):
+        """The tensors of one unit (a layer or an LM head chunk), valid inside the block."""
+        buf = self.prefetcher.acquire(unit)
         try:
-            self.bytes_used += self.manifests[i].total_bytes
-            yield dense_layer(tensors_from_buffer(buf, self.manifests[i]))
+            self.bytes_used += self.manifests[unit].total_bytes
+            yield tensors_from_buffer(buf, self.manifests[unit])
         finally:
-            self.prefetcher.release(i)
+            self.prefetcher.release(unit)
+
+    @contextmanager
+    def layer(self, i: int):
+        with self.tensors(i) as t:
+            yield dense_layer(t)
+
+
+class StreamedHead:
+    """The target's LM head in the slow tier, read chunk by chunk on every call."""
+
+    def __init__(self, streamer: StreamedLayers, units: list[int]):
+        self.streamer, self.units = streamer, units
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, H] -> logits [T, V], the vocabulary in the chunks' order."""
+        parts = []
+        for unit in self.units:
+            with self.streamer.tensors(unit) as t:
+                parts.append(dense(t["weight"])(h))  # [T, rows]
+        return torch.cat(parts, dim=-1)
