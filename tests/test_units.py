@@ -195,9 +195,9 @@ def test_plan_streams_the_lm_head_only_when_no_layer_fits_beside_it():
     with_head = 10 * 30 + 2 * 100 + 200 + 1 + 50  # no layer resident, the LM head resident
     p = plan(SIZES, with_head)
     assert p.resident_layers == [] and p.lm_head_resident
-    p = plan(SIZES, with_head - 1)
-    assert p.resident_layers == [] and not p.lm_head_resident and not p.embed_resident
-    assert p.breakdown["lm_head"] == 0 and p.resident_bytes == with_head - 200
+    p = plan(SIZES, with_head - 1)  # the head's 200 bytes hold 2 layers (70 more each)
+    assert p.resident_layers == [0, 1] and not p.lm_head_resident and not p.embed_resident
+    assert p.breakdown["lm_head"] == 0 and p.resident_bytes == with_head - 200 + 2 * 70
     assert "+ the LM head streamed" in p.summary()
 
 

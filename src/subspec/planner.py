@@ -75,15 +75,16 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
     When the model streams, embedding rows are read from the checkpoint on demand (unless the
     embeddings are the tied LM head, which is resident anyway): a resident layer saves a
     transfer on every pass, a resident embedding table saves almost nothing. Only when no
-    layer fits beside it does the LM head stream too, in chunks no larger than a layer, through
-    the same buffers: that sets the minimum budget.
+    layer fits beside it does the LM head stream too (then as many layers as fit in its place
+    stay resident), in chunks no larger than a layer, through the same buffers: that sets the
+    minimum budget.
     """
     everything = _breakdown(sizes, sizes.num_layers, 0, True, True)
     if budget is None or sum(everything.values()) <= budget:
         return Placement(budget, list(range(sizes.num_layers)), [], True, 0, 0, everything)
     layers = list(range(sizes.num_layers))
     tied = sizes.lm_head_bytes == 0
-    options = [(r, True) for r in range(sizes.num_layers - 1, -1, -1)] + [(0, False)]
+    options = [(r, head) for head in (True, False) for r in range(sizes.num_layers - 1, -1, -1)]
     for resident, head in options:
         parts = _breakdown(sizes, resident, n_buffers, tied and head, head)
         if sum(parts.values()) <= budget:
