@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -236,10 +237,7 @@ class Engine:
         manifests = ensure_layer_files(ckpt, m, layers, self.dtype, directory, bar)
         self._head_units = []
         if not self.placement.lm_head_resident:
-
-            def load_head():
-                return ckpt.get(lm_head_name(ckpt, m), self.dtype)
-
+            load_head = partial(ckpt.get, lm_head_name(ckpt, m), self.dtype)
             head = ensure_head_files(load_head, m, self.dtype, m.num_layers, directory, bar)
             manifests |= head
             self._head_units = list(head)

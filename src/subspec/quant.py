@@ -14,7 +14,7 @@ Layouts of the quantized values held in memory (``QuantLinear.layout``):
   order is) and put back on each call: a few bitwise passes, no dequantization.
 - ``int4_vnni``: 4 bits on x86 CPUs with AVX512-VNNI (and a C compiler): subspec's own kernel
   (``native.py``, ``csrc/int4_vnni.c``) quantizes the activations to int8 per 64 values and
-  multiplies with ``vpdpbusd``; about 2x torch's int4 kernel for the draft's few rows, at about
+  multiplies with ``vpdpbusd``; ~1.5x torch's int4 kernel for the draft's few rows, at about
   1% error from the int8 activations (a draft's numerics need not match the target's). Each
   group of 64 values packs into 32 bytes, byte ``j`` holding values ``j`` and ``j + 32``.
 - ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (4 bits only, 2/3
