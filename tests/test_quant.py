@@ -104,9 +104,10 @@ def test_vnni_kernel_is_exact_for_int8_activations(rows, out_f, in_f, group_size
     m = Q.quantize_linear(_weight(out_f, in_f), None, group_size=group_size)
     assert m.layout == "int4_vnni"
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) * 3  # [M, in]
-    blocks = x.double().view(rows, -1, 64)  # [M, in / 64, 64]
+    blocks = x.view(rows, -1, 64)  # [M, in / 64, 64], rounded in float32 as the kernel does
     amax = blocks.abs().amax(-1, keepdim=True)
-    x_int8 = (torch.round(blocks * (127 / amax)) * (amax / 127)).view(rows, in_f)
+    q_x = torch.round(blocks * (127 / amax)).double()  # round half to even, like lrintf
+    x_int8 = (q_x * (amax / 127).double()).view(rows, in_f)
     sz = m.scales_and_zeros.double().transpose(0, 1)  # [out, in / g, 2]
     s, z = sz[..., :1], sz[..., 1:]
     q = m.unpacked().double().view(out_f, -1, group_size)  # [out, in / g, g]
