@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from subspec.offload import (
     write_layer_file,
 )
 from subspec.offload.layer_file import ALIGN, plan_layout
+from subspec.weights import StreamedHead, StreamedLayers, ensure_head_files, head_chunk_rows
 
 
 def make_layer(seed: int) -> dict[str, torch.Tensor]:
@@ -420,3 +422,33 @@ def test_cuda_event_protocol_with_fakes(monkeypatch):
     uses = [e for e in log if e[0] == "use"]
     assert uses == [("use", f"ready{p % 2}", p // 2 + 1) for p in range(9)]
     assert log[-1] == ("sync",)
+
+
+def test_lm_head_chunk_files_and_streamed_head(tmp_path):
+    """The head is cut into chunks no larger than a layer buffer, written once, and streamed
+    back chunk by chunk to the same logits as the whole head."""
+    cfg = SimpleNamespace(  # the fields layer_nbytes and the chunking read
+        hidden_size=64, vocab_size=1000, qkv_out=192, qkv_bias=False, qk_norm=False,
+        head_dim=16, linear_shapes={"o": (64, 64)},
+    )  # fmt: skip
+    head = torch.randn(cfg.vocab_size, cfg.hidden_size)  # [V, H]
+    calls = []
+
+    def load_head():
+        calls.append(1)
+        return head
+
+    rows = head_chunk_rows(cfg, torch.float32)
+    manifests = ensure_head_files(load_head, cfg, torch.float32, 3, tmp_path, None)
+    assert list(manifests) == list(range(3, 3 + -(-cfg.vocab_size // rows)))
+    assert len(manifests) > 1 and calls == [1]  # several chunks, the head loaded once
+    assert ensure_head_files(load_head, cfg, torch.float32, 3, tmp_path, None).keys() == (
+        manifests.keys()
+    ) and calls == [1]  # cached: not loaded again
+    store = DiskStore(tmp_path, manifests)
+    with Prefetcher(store, list(manifests)) as pf:
+        streamed = StreamedHead(StreamedLayers(pf, manifests), list(manifests))
+        h = torch.randn(5, cfg.hidden_size)
+        for _ in range(2):  # two passes through the cyclic prefetcher
+            torch.testing.assert_close(streamed(h), h @ head.T)
+    store.close()
