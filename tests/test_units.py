@@ -1,6 +1,8 @@
 """Unit tests on tiny tensors: KV compaction, tree masks and positions, the verifier's walk,
 sampling filters, the planner, size parsing, and the widened bf16 matmul and attention."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -199,6 +201,15 @@ def test_plan_streams_the_lm_head_only_when_no_layer_fits_beside_it():
     assert p.resident_layers == [0, 1] and not p.lm_head_resident and not p.embed_resident
     assert p.breakdown["lm_head"] == 0 and p.resident_bytes == with_head - 200 + 2 * 70
     assert "+ the LM head streamed" in p.summary()
+
+
+def test_plan_keeps_a_shared_lm_head_resident():
+    """A draft that shares the target's head needs it resident: the minimum includes it."""
+    shared = dataclasses.replace(SIZES, head_can_stream=False)
+    with_head = 10 * 30 + 2 * 100 + 200 + 1 + 50
+    assert plan(shared, with_head).lm_head_resident
+    with pytest.raises(SubspecError, match=str(with_head)):
+        plan(shared, with_head - 1)
 
 
 def test_plan_refuses_budget_below_minimum_and_names_it():

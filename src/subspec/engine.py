@@ -6,9 +6,9 @@ slow tier is disk on a CPU machine or pinned host RAM on a CUDA machine.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -164,6 +164,7 @@ class Engine:
             extra_bytes=self._draft_model_bytes,
             draft_head_bytes=self._draft_head_bytes() if sub else 0,
             scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
+            head_can_stream=not (sub and spec.head_bits == 16),
         )
 
     def _draft_head_bytes(self) -> int:
@@ -181,17 +182,17 @@ class Engine:
         self.cache_dir = hub.cache_root() / "offload" / f"{fingerprint(ckpt)}-{self.cfg.dtype}"
         self.placement: Placement = plan(self._sizes(), self.cfg.memory_budget, self.cfg.n_buffers)
         p = self.placement
+        # the full LM head [V, H], read from the checkpoint at most once: to keep it resident,
+        # or to build its chunk files or the draft's low-bit copy when those are not cached
+        load_head = functools.cache(functools.partial(ckpt.get, lm_head_name(ckpt, m), self.dtype))
         resident = load_resident(ckpt, m, p.resident_layers, self.dtype, self.device)
-        self.streamed = None
+        self.streamed, streamed_head = None, None
         if p.streamed_layers:
-            self.streamed = self._stream(ckpt, bar)
-        lm_head = self._full_lm_head(ckpt)
+            self.streamed, streamed_head = self._stream(ckpt, load_head, bar)
+        lm_head = load_head().to(self.device) if p.lm_head_resident else None
         final_norm = ckpt.get("model.norm.weight", self.dtype).to(self.device)
         embed = self._embedding(ckpt, lm_head)
-        if p.lm_head_resident:
-            head = dense(lm_head)
-        else:
-            head = StreamedHead(self.streamed, self._head_units)
+        head = dense(lm_head) if p.lm_head_resident else streamed_head
         self.model = Model(m, embed, final_norm, head, self.dtype, self.device, self.capacity)
         cache = KVCache(
             m.num_layers, m.num_kv_heads, m.head_dim, self.capacity, self.dtype, self.device
@@ -200,23 +201,10 @@ class Engine:
         self.subspec = None
         if "subspec" in self.cfg.methods:
             subs = self._substitutes(ckpt, bar) if p.streamed_layers else {}
-            head = self._draft_head(ckpt, lm_head, bar) if p.streamed_layers else None
+            head = self._draft_head(load_head, bar) if p.streamed_layers else None
             layers = LayerSource({**resident, **subs}, m.num_layers)
             self.subspec = SharedDrafter(self.target, layers, head)
         ckpt.close()
-
-    def _full_lm_head(self, ckpt: Checkpoint) -> torch.Tensor | None:
-        """The LM head [V, H] in fast memory: resident, or loaded only to build the draft's
-        low-bit copy from it (then dropped); None when the head streams and nothing needs it."""
-        p, spec = self.placement, self.cfg.spec
-        if not p.lm_head_resident and "subspec" in self.cfg.methods and spec.head_bits == 16:
-            raise SubspecError(
-                "--draft-head-bits 16 shares the target's LM head, but at this budget the head "
-                "streams: use a low-bit draft head or a larger budget"
-            )
-        if p.lm_head_resident or "subspec" in self.cfg.methods:
-            return ckpt.get(lm_head_name(ckpt, self.model_cfg), self.dtype).to(self.device)
-        return None
 
     def _embedding(self, ckpt: Checkpoint, lm_head: torch.Tensor | None) -> Embedding:
         if self._tied and self.placement.lm_head_resident:
@@ -229,26 +217,27 @@ class Engine:
             mapped=ckpt.rows("model.embed_tokens.weight"), dtype=self.dtype, device=self.device
         )
 
-    def _stream(self, ckpt: Checkpoint, bar: Progress) -> StreamedLayers:
+    def _stream(self, ckpt: Checkpoint, load_head, bar: Progress):
         """Layer files (and LM head chunks when the head streams) and their prefetcher, which
-        reads them in the order a forward pass and its logits consume them."""
+        reads them in the order a forward pass and its logits consume them. Returns the
+        streamed layers and the streamed LM head (None when the head is resident)."""
         m, layers = self.model_cfg, self.placement.streamed_layers
         directory = self.cache_dir / "layers"
         manifests = ensure_layer_files(ckpt, m, layers, self.dtype, directory, bar)
-        self._head_units = []
+        head_units = []
         if not self.placement.lm_head_resident:
-            load_head = partial(ckpt.get, lm_head_name(ckpt, m), self.dtype)
             head = ensure_head_files(load_head, m, self.dtype, m.num_layers, directory, bar)
             manifests |= head
-            self._head_units = list(head)
-        units = layers + self._head_units
+            head_units = list(head)
+        units = layers + head_units
         if self.device.type == "cpu":
             store = DiskStore(directory, manifests)
         else:
             store = PinnedHostStore({i: _read_layer(directory, i, manifests[i]) for i in units})
         self.prefetcher = Prefetcher(store, units, self.cfg.n_buffers, self.device)
         self.store_mode = getattr(store, "mode", "pinned-host")
-        return StreamedLayers(self.prefetcher, manifests)
+        streamed = StreamedLayers(self.prefetcher, manifests)
+        return streamed, StreamedHead(streamed, head_units) if head_units else None
 
     def _substitutes(self, ckpt: Checkpoint, bar: Progress):
         spec = self.cfg.spec
@@ -258,12 +247,13 @@ class Engine:
             spec, path, bar,
         )  # fmt: skip
 
-    def _draft_head(self, ckpt: Checkpoint, lm_head: torch.Tensor, bar: Progress):
-        spec = self.cfg.spec
+    def _draft_head(self, load_head, bar: Progress):
+        spec, m = self.cfg.spec, self.model_cfg
         if spec.head_bits == 16:
             return None  # share the target's head
         path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}.safetensors"
-        return load_draft_head(lm_head, self.dtype, self.device, spec, path, bar)
+        shape = (m.vocab_size, m.hidden_size)
+        return load_draft_head(load_head, shape, self.dtype, self.device, spec, path, bar)
 
     def _quant_tag(self, bits: int) -> str:
         spec = self.cfg.spec

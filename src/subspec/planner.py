@@ -22,6 +22,7 @@ class ModelSizes:
     extra_bytes: int = 0  # anything else that must be resident (e.g. a classic draft model)
     draft_head_bytes: int = 0  # the draft's low-bit LM head, needed only when layers stream
     scratch_bytes: int = 0  # working buffers of the matmul kernels (layers.widened_linear)
+    head_can_stream: bool = True  # False when a draft shares the target's LM head
 
 
 @dataclass
@@ -84,7 +85,8 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
         return Placement(budget, list(range(sizes.num_layers)), [], True, 0, 0, everything)
     layers = list(range(sizes.num_layers))
     tied = sizes.lm_head_bytes == 0
-    options = [(r, head) for head in (True, False) for r in range(sizes.num_layers - 1, -1, -1)]
+    heads = (True, False) if sizes.head_can_stream else (True,)
+    options = [(r, head) for head in heads for r in range(sizes.num_layers - 1, -1, -1)]
     for resident, head in options:
         parts = _breakdown(sizes, resident, n_buffers, tied and head, head)
         if sum(parts.values()) <= budget:
@@ -92,7 +94,8 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
                 budget, layers[:resident], layers[resident:], tied and head, n_buffers,
                 sizes.layer_bytes, parts, lm_head_resident=head,
             )  # fmt: skip
-    minimum = sum(_breakdown(sizes, 0, n_buffers, False, False).values())
+    head = heads[-1]
+    minimum = sum(_breakdown(sizes, 0, n_buffers, tied and head, head).values())
     raise SubspecError(
         f"memory budget {format_size(budget)} is below this model's minimum of "
         f"{format_size(minimum)} ({minimum} bytes) with these settings"

@@ -143,12 +143,14 @@ def _quantize(weight, bias, spec, bits, dtype):
                                  compute_dtype=dtype, optimize=spec.hqq_optimize)  # fmt: skip
 
 
-def load_draft_head(weight, dtype, device, spec, path, progress):
-    """The draft's LM head: a low-bit copy of `weight` [V, H], cached at `path`."""
-    meta = {"shape": str(tuple(weight.shape)), **_quant_meta(spec, spec.head_bits, dtype)}
+def load_draft_head(load_weight, shape, dtype, device, spec, path, progress):
+    """The draft's LM head: a low-bit copy of the weight [V, H] = `shape` that `load_weight()`
+    returns (called only when the copy cached at `path` is missing or stale)."""
+    meta = {"shape": str(tuple(shape)), **_quant_meta(spec, spec.head_bits, dtype)}
     head = quant.load_quantized(path, meta)
     if head is None:
         task = progress and progress.add_task("quantizing the draft LM head", total=1)
+        weight = load_weight().to(device)
         head = {"lm_head": _quantize(weight, None, spec, spec.head_bits, dtype)}
         quant.save_quantized(path, head, meta)
         if task is not None and progress:
