@@ -87,11 +87,11 @@ def build_tree(
         logits = step(tokens[frontier], start + depths[frontier], start + frontier, mask, kv_len)
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [f, V]
         # the global top-`width` paths are among each frontier node's top-`width` children
-        child_logp, child_tokens = logp.topk(min(width, logp.shape[-1]), dim=-1)  # [f, w]
+        child_logp, child_tokens = logp.topk(width, dim=-1)  # [f, width]
         cand = (scores[:, None] + child_logp).flatten()  # [f * w]
         scores, flat = torch.topk(cand, width)
         new = torch.arange(n, n + width, device=device)
-        parent = frontier[flat // child_logp.shape[-1]]
+        parent = frontier[flat // width]
         tokens[new], parents[new], depths[new] = child_tokens.flatten()[flat], parent, d + 1
         path_scores[new] = scores
         anc[new] = anc[parent]
