@@ -48,8 +48,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def widens(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether bf16 math on this device is faster widened to fp32: dense weights of this dtype
-    then go through `widened_linear`, and small attention runs in fp32."""
+    """Whether dense weights of this dtype on this device go through `widened_linear`."""
     return dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16()
 
 
