@@ -2,7 +2,7 @@
 
 import json
 
-from subspec.cli import main
+from subspec.app.cli import main
 
 
 def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):

@@ -1,13 +1,15 @@
-"""The terminal chat, driven by a scripted input() over the server tests' fake engine."""
+"""The terminal chat, driven by a scripted input() over the tests' fake runtime."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-from test_server import REPLY, FakeEngine
+from helpers import REPLY, FakeRuntime
 
-from subspec.chat import run_chat, stat_line
+from subspec.app.chat import run_chat, stat_line
 from subspec.config import SamplingConfig
-from subspec.generate import Event
+from subspec.runtime.generate import Event
+from subspec.runtime.stats import GenerationStats, MemoryStats, SpecStats
 
 ANSWER = " ".join(REPLY)
 
@@ -37,7 +39,7 @@ def turn(role: str, text: str) -> str:
 
 
 def test_history_is_kept_and_reset(monkeypatch, capsys):
-    engine = FakeEngine()
+    engine = FakeRuntime()
     prompts = chat(monkeypatch, engine, ["hello", "  ", "again", "/reset", "dog"])
     hello, again, assistant = turn("user", "hello"), turn("user", "again"), "<|im_start|> assistant"
     assert prompts[0] == f"{hello} {assistant}"
@@ -50,14 +52,14 @@ def test_history_is_kept_and_reset(monkeypatch, capsys):
 
 
 def test_exit_stops_reading(monkeypatch):
-    engine = FakeEngine()
+    engine = FakeRuntime()
     with pytest.raises(AssertionError, match="stopped reading input early"):
         chat(monkeypatch, engine, ["hello", "/exit", "never read"])
     assert len(engine.prompts) == 1
 
 
 def test_oldest_turns_are_dropped_to_fit_the_context(monkeypatch, capsys):
-    engine = FakeEngine(context=30)  # one exchange is 13 tokens, a new question 6, +8 new
+    engine = FakeRuntime(context=30)  # one exchange is 13 tokens, a new question 6, +8 new
     too_long = " ".join(["dog"] * 30)
     prompts = chat(monkeypatch, engine, ["hello", "again", "dog", too_long, "cat"])
     assert len(prompts) == 4  # the over-long message never reached the engine
@@ -69,15 +71,15 @@ def test_oldest_turns_are_dropped_to_fit_the_context(monkeypatch, capsys):
     assert "does not fit the context" in err
 
 
-class InterruptingEngine(FakeEngine):
+class InterruptingRuntime(FakeRuntime):
     """Ctrl-C arrives after the first round of the first reply (or before it, if `at_once`)."""
 
     def __init__(self, at_once=False):
         super().__init__()
         self.at_once, self.interrupted = at_once, False
 
-    def decode(self, method, prompt, sampling, gen, stats):
-        for i, ids in enumerate(super().decode(method, prompt, sampling, gen, stats)):
+    def decode(self, request, gen, stats):
+        for i, ids in enumerate(super().decode(request, gen, stats)):
             if not self.interrupted and i == (0 if self.at_once else 1):
                 self.interrupted = True
                 raise KeyboardInterrupt
@@ -85,19 +87,21 @@ class InterruptingEngine(FakeEngine):
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_what_was_said(monkeypatch, capsys):
-    prompts = chat(monkeypatch, InterruptingEngine(), ["hello", KeyboardInterrupt, "again"])
+    prompts = chat(monkeypatch, InterruptingRuntime(), ["hello", KeyboardInterrupt, "again"])
     assert turn("assistant", "the cat") in prompts[1]
     err = capsys.readouterr().err
     assert "[reply stopped]" in err and "/exit or Ctrl-D" in err
 
 
 def test_ctrl_c_before_any_text_forgets_the_question(monkeypatch, capsys):
-    prompts = chat(monkeypatch, InterruptingEngine(at_once=True), ["hello", "again"])
+    prompts = chat(monkeypatch, InterruptingRuntime(at_once=True), ["hello", "again"])
     assert "hello" not in prompts[1]
 
 
 def test_stat_line():
-    stats = {"new_tokens": 5, "decode_tokens_per_s": 12.345}
+    memory = MemoryStats(0, 0.0, None, 0, 0, {})
+    stats = GenerationStats("vanilla", 3, 5, 0.1, 0.4, 12.345, 4, 0, memory)
     assert stat_line(Event("", [], "stop", stats)) == "[5 tokens, 12.35 tok/s]"
-    line = stat_line(Event("", [], "length", {**stats, "tau": 2.5}))
+    spec = replace(stats, method="subspec", spec=SpecStats(2.5, 0.1, 0.2, [1, 2]))
+    line = stat_line(Event("", [], "length", spec))
     assert line == "[5 tokens, 12.35 tok/s, tau 2.50, cut at --max-new-tokens]"

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from subspec.cli import main
+from subspec.app.cli import main
 
 
 def run(capsys, *argv):

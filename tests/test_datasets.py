@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from subspec import datasets, hub
 from subspec.errors import SubspecError
+from subspec.hub import datasets
+from subspec.hub import models as hub
 
 
 def test_mt_bench_first_turns():

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from subspec import hf_baseline
+from subspec.bench import hf_baseline
 from subspec.errors import SubspecError
 
 PROMPTS = [[5, 17, 42, 99, 7], [1, 250, 3]]

@@ -17,12 +17,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 from gguf.quants import quantize
+from helpers import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 from safetensors import safe_open
 
-from subspec import hub
 from subspec.errors import SubspecError
+from subspec.hub import models as hub
 
 TINY = "tiny-qwen2-gguf"
 

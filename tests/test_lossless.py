@@ -5,12 +5,11 @@ import re
 
 import pytest
 import torch
-from conftest import write_tiny_llama
+from helpers import generate as generate_from
+from helpers import make_runtime, write_tiny_llama
 
 from subspec.config import SamplingConfig, SpecConfig
-from subspec.engine import Engine, EngineConfig
 from subspec.errors import SubspecError
-from subspec.generate import stream_generate
 
 PROMPTS = ["hello world", "this is a test", "the tiny tokenizer is a test of the world"]
 SPEC = SpecConfig(depth=5, width=3, draft_temperature=0.5)
@@ -18,22 +17,11 @@ GREEDY = SamplingConfig()
 
 
 def make_engine(model_dir, methods, budget=None, dtype="float32", spec=SPEC, draft=None):
-    cfg = EngineConfig(
-        model=str(model_dir), dtype=dtype, memory_budget=budget, context=256,
-        methods=methods, spec=spec, draft_model=draft and str(draft),
-    )  # fmt: skip
-    return Engine(cfg, progress=False)
+    return make_runtime(model_dir, methods, budget, dtype, spec, draft)
 
 
-def generate(engine, method, prompt, max_new=24, sampling=GREEDY):
-    ids = engine.encode_prompt(prompt, chat=True)
-    tokens, stats = [], {}
-    for ev in stream_generate(
-        engine, ids, method=method, max_new_tokens=max_new, sampling=sampling
-    ):
-        tokens.extend(ev.token_ids)
-        stats = ev.stats or stats
-    return tokens, stats
+def generate(runtime, method, prompt, max_new=24, sampling=GREEDY):
+    return generate_from(runtime, method, prompt, max_new, sampling)
 
 
 def minimum_budget(model_dir, methods, dtype="float32") -> int:
@@ -75,7 +63,7 @@ def test_greedy_identical_to_resident_vanilla(tiny_model_dir, reference, full_by
         tokens, stats = generate(engine, method, prompt)
         assert tokens == want
         if engine.placement.streams:
-            assert stats["bytes_streamed"] > 0
+            assert stats.memory.bytes_streamed > 0
 
 
 def test_classic_greedy_identical(tiny_model_dir, tiny_draft_dir, reference, full_bytes):
@@ -112,8 +100,8 @@ def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, full_bytes,
     engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_model_dir)
     assert engine.placement.streams == (method == "classic")
     tokens, stats = generate(engine, method, PROMPTS[0], max_new=1 + 5 * 4)
-    assert stats["accept_lengths"] == [4] * 4
-    assert stats["tau"] == 5.0
+    assert stats.spec.accept_lengths == [4] * 4
+    assert stats.spec.tau == 5.0
 
 
 def test_bf16_divergence_only_at_near_tie(tiny_model_dir):
@@ -129,7 +117,7 @@ def test_bf16_divergence_only_at_near_tie(tiny_model_dir):
         got, _ = generate(spec, "subspec", prompt)
         if got != want:
             at = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
-            assert vstats["top2_margins"][at] < 0.25, (prompt, at, vstats["top2_margins"][at])
+            assert vstats.top2_margins[at] < 0.25, (prompt, at, vstats.top2_margins[at])
 
 
 def _chi2_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,22 +13,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from subspec.bench.bandwidth import measure_disk_bandwidth
 from subspec.errors import SubspecError
-from subspec.offload import (
-    DiskStore,
-    PinnedHostStore,
-    Prefetcher,
-    SlowStore,
-    aligned_empty,
+from subspec.offload.layer_file import (
+    ALIGN,
     layer_path,
-    measure_disk_bandwidth,
+    plan_layout,
     read_manifest,
     read_manifests,
     tensors_from_buffer,
     write_layer_file,
 )
-from subspec.offload.layer_file import ALIGN, plan_layout
-from subspec.weights import StreamedHead, StreamedLayers, ensure_head_files, head_chunk_rows
+from subspec.offload.prefetch import Prefetcher
+from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore, aligned_empty
+from subspec.offload.streamed import StreamedHead, StreamedLayers
+from subspec.runtime.weights import ensure_head_files, head_chunk_rows
 
 
 def make_layer(seed: int) -> dict[str, torch.Tensor]:

@@ -7,8 +7,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from subspec import native
+import subspec.quant.cache as QC
+import subspec.quant.linear as QL
 from subspec import quant as Q
+from subspec.files import safetensors_fingerprint
+from subspec.quant import native
 
 needs_vnni = pytest.mark.skipif(
     native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"
@@ -30,7 +33,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def _check_forward(m: Q.QuantLinear, bias: torch.Tensor | None = None, tol=8e-3) -> None:
+def _check_forward(m: QL.QuantLinear, bias: torch.Tensor | None = None, tol=8e-3) -> None:
     x = torch.randn(2, 3, m.in_features, dtype=torch.bfloat16)  # [batch, seq, in]
     ref = x.float() @ m.dequantize().T  # [batch, seq, out]
     if bias is not None:
@@ -76,21 +79,21 @@ def test_packing_round_trips(bits):
     gen = torch.Generator().manual_seed(bits)
     q = torch.randint(0, 2**bits, (80, 256), generator=gen, dtype=torch.uint8)  # [out, in]
     sz = torch.rand(256 // 64, 80, 2, generator=gen).to(torch.bfloat16)  # [in / g, out, 2]
-    assert torch.equal(Q._bitunpack(Q._bitpack(q, bits), bits), q)
-    m = Q.QuantLinear(q, sz, None, bits=bits, group_size=64)
+    assert torch.equal(QL.bitunpack(QL.bitpack(q, bits), bits), q)
+    m = QL.QuantLinear(q, sz, None, bits=bits, group_size=64)
     assert torch.equal(m.unpacked(), q)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int4_layout_model_agrees_with_kernel_unpack(bits, torch_int4):
     """Our model of torch's CPU nibble order matches what the kernel itself reads."""
-    block = Q._cpu_int4_block_n()
+    block = QL._cpu_int4_block_n()
     if block is None:
         pytest.skip("this CPU's int4pack layout is not modelled (kernel unpack is used)")
     m = Q.quantize_linear(_weight(208, 256), None, bits=bits)
-    packed = Q._expand(m.qdata, bits)  # [out, in / 2]
-    by_kernel = Q._unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm_for_cpu)
-    assert torch.equal(by_kernel, Q._int4_cpu_layout_unpack(packed, block))
+    packed = QL._expand(m.qdata, bits)  # [out, in / 2]
+    by_kernel = QL._unpack_int4_with_kernel(packed, m, torch._weight_int4pack_mm_for_cpu)
+    assert torch.equal(by_kernel, QL._int4_cpu_layout_unpack(packed, block))
 
 
 @needs_vnni
@@ -176,7 +179,7 @@ def layers():
     }
 
 
-META = Q.cache_meta(bits=4, group_size=64, fingerprint="abc")
+META = {"bits": 4, "group_size": 64, "fingerprint": "abc", "optimize": True}
 
 
 def test_cache_round_trip_is_bit_identical(tmp_path, layers):
@@ -203,10 +206,10 @@ def test_cache_missing_or_mismatched_returns_none(tmp_path, layers, monkeypatch)
     Q.save_quantized(path, layers, META)
     assert Q.load_quantized(path, {**META, "bits": 3}) is None
     assert Q.load_quantized(path, {**META, "fingerprint": "abd"}) is None
-    monkeypatch.setattr(Q, "FORMAT_VERSION", Q.FORMAT_VERSION + 1)
+    monkeypatch.setattr(QC, "FORMAT_VERSION", QC.FORMAT_VERSION + 1)
     assert Q.load_quantized(path, META) is None
     monkeypatch.undo()
-    monkeypatch.setattr(Q, "version", lambda name: "0.0.0")
+    monkeypatch.setattr(QC, "version", lambda name: "0.0.0")
     assert Q.load_quantized(path, META) is None
 
 
@@ -229,7 +232,7 @@ def test_cache_truncated_or_corrupted_returns_none(tmp_path, layers):
 def test_fingerprint_tracks_checkpoint(tmp_path):
     shard = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(4, 4)}, shard)
-    first = Q.safetensors_fingerprint([shard])
-    assert Q.safetensors_fingerprint([shard]) == first
+    first = safetensors_fingerprint([shard])
+    assert safetensors_fingerprint([shard]) == first
     save_file({"w": torch.zeros(4, 5)}, shard)
-    assert Q.safetensors_fingerprint([shard]) != first
+    assert safetensors_fingerprint([shard]) != first

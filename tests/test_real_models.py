@@ -2,31 +2,28 @@
 
 import pytest
 import torch
+from helpers import generate, make_runtime
 from transformers import AutoModelForCausalLM
 
-from subspec import hub
-from subspec.config import SamplingConfig, SpecConfig
-from subspec.engine import Engine, EngineConfig
-from subspec.generate import stream_generate
-from subspec.model import causal_mask
+from subspec.config import SpecConfig
+from subspec.files import cache_root
+from subspec.hub import models as hub
+from subspec.model.checkpoint import Checkpoint
+from subspec.model.forward import causal_mask
+from subspec.runtime.weights import fingerprint
+
+pytestmark = pytest.mark.slow  # the models come from the package registry on first use
 
 PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def engine_for(model_dir, methods=("vanilla",), budget=None, dtype="float32", spec=None):
-    cfg = EngineConfig(model=str(model_dir), dtype=dtype, memory_budget=budget, context=512,
-                       methods=methods, spec=spec or SpecConfig(depth=6, width=2))  # fmt: skip
-    return Engine(cfg, progress=False)
+    spec = spec or SpecConfig(depth=6, width=2)
+    return make_runtime(model_dir, methods, budget, dtype, spec, context=512)
 
 
-def greedy(engine, method, max_new=32):
-    ids = engine.encode_prompt(PROMPT, chat=True)
-    tokens, stats = [], {}
-    for ev in stream_generate(engine, ids, method=method, max_new_tokens=max_new,
-                              sampling=SamplingConfig()):  # fmt: skip
-        tokens.extend(ev.token_ids)
-        stats = ev.stats or stats
-    return tokens, stats
+def greedy(runtime, method, max_new=32):
+    return generate(runtime, method, PROMPT, max_new)
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
@@ -36,7 +33,9 @@ def test_logits_match_transformers_fp32(name):
     ids = engine.encode_prompt(PROMPT, chat=True)
     t = len(ids)
     tokens, pos = torch.tensor(ids), torch.arange(t)
-    ours = engine.model.logits(engine.target.forward(tokens, pos, pos, causal_mask(0, t, "cpu"), t))
+    ours = engine.target.logits(
+        engine.target.forward(tokens, pos, pos, causal_mask(0, t, "cpu"), t)
+    )
     del engine
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -64,7 +63,7 @@ def test_streamed_greedy_equals_resident(smollm2_dir, smollm2_reference, smollm2
     assert len(p.streamed_layers) > len(p.resident_layers) and p.resident_bytes <= budget
     tokens, stats = greedy(engine, "vanilla")
     assert tokens == smollm2_reference
-    assert stats["bytes_streamed"] >= stats["target_forwards"] * len(p.streamed_layers)
+    assert stats.memory.bytes_streamed >= stats.target_forwards * len(p.streamed_layers)
 
 
 def test_subspec_greedy_equals_vanilla(smollm2_dir, smollm2_reference, smollm2_full_bytes):
@@ -72,13 +71,15 @@ def test_subspec_greedy_equals_vanilla(smollm2_dir, smollm2_reference, smollm2_f
     assert engine.placement.streams
     tokens, stats = greedy(engine, "subspec")
     assert tokens == smollm2_reference
-    assert stats["tau"] > 1.5  # the 4-bit substitute draft is mostly accepted
+    assert stats.spec.tau > 1.5  # the 4-bit substitute draft is mostly accepted
 
 
 def test_corrupted_substitute_cache_is_rebuilt(smollm2_dir, smollm2_reference, smollm2_full_bytes):
     budget = smollm2_full_bytes // 2
     engine = engine_for(smollm2_dir, ("subspec",), budget=budget)
-    cache_files = list(engine.cache_dir.glob("substitutes-*/layer_*.safetensors"))
+    with Checkpoint(smollm2_dir) as ckpt:
+        cache_dir = cache_root() / "offload" / f"{fingerprint(ckpt)}-float32"
+    cache_files = list(cache_dir.glob("substitutes-*/layer_*.safetensors"))
     assert cache_files
     del engine
     for f in cache_files:

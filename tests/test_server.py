@@ -1,84 +1,19 @@
-"""The OpenAI-compatible server, over a fake engine that replays a fixed token script (the real
+"""The OpenAI-compatible server, over a fake runtime that replays a fixed token script (the real
 stream_generate runs on top of it), plus one end-to-end test on the tiny random model."""
 
 import json
 import threading
-import time
-from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import REPLY, FakeRuntime, make_runtime, tiny_tokenizer
 
-from subspec.errors import SubspecError
-from subspec.server import create_app
-from subspec.tokenizer import encode_messages
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = "system user assistant hello world the cat sat on mat a dog ran far again".split()
-REPLY = "the cat sat on the mat".split()
-
-
-def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with ChatML specials; <|im_end|> is the EOS."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
-    tok.chat_template = chat_template
-    return tok
-
-
-class FakeEngine:
-    """Just enough of Engine for stream_generate: `decode` replays `reply` then EOS, two
-    tokens per round, and records every prompt it is given."""
-
-    def __init__(self, reply=REPLY, context=64, tokenizer=None, delay=0.0):
-        self.tokenizer = tokenizer or tiny_tokenizer()
-        self.cfg = SimpleNamespace(model="tiny-fake", context=context, methods=("vanilla",))
-        self.placement = SimpleNamespace(summary=lambda: "placement: fake", streams=False)
-        self.eos_ids = {self.tokenizer.eos_token_id}
-        self.script = self.tokenizer.convert_tokens_to_ids(list(reply)) + [
-            self.tokenizer.eos_token_id
-        ]
-        self.prompts: list[list[int]] = []
-        self.delay, self.active, self.max_active = delay, 0, 0
-
-    def check_fits(self, prompt_len, max_new_tokens, method):
-        if prompt_len < 1:
-            raise SubspecError("the prompt is empty")
-        if prompt_len + max_new_tokens > self.cfg.context:
-            raise SubspecError("prompt + new tokens exceeds the context")
-
-    def reset(self):
-        pass
-
-    def decode(self, method, prompt, sampling, gen, stats):
-        self.prompts.append(list(prompt))
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            for i in range(0, len(self.script), 2):
-                time.sleep(self.delay)
-                stats.accept_lengths.append(1)
-                yield self.script[i : i + 2]
-        finally:
-            self.active -= 1
-
-    def stream_stats(self):
-        return {"bytes_streamed": 0}
+from subspec.app.server import create_app
+from subspec.model.tokenizer import encode_messages
 
 
 def client_for(engine=None, method="subspec") -> TestClient:
-    return TestClient(create_app(engine or FakeEngine(), method))
+    return TestClient(create_app(engine or FakeRuntime(), method))
 
 
 def sse_payloads(response) -> list:
@@ -105,7 +40,7 @@ def test_models_and_health():
 
 
 def test_chat_completion_shape():
-    engine = FakeEngine()
+    engine = FakeRuntime()
     body = client_for(engine).post("/v1/chat/completions", json=CHAT).json()
     assert body["object"] == "chat.completion"
     assert body["id"].startswith("chatcmpl-") and body["model"] == "tiny-fake"
@@ -198,7 +133,7 @@ def test_bad_completion_requests_are_400(request_body):
 
 
 def test_malformed_json_and_missing_template_are_400():
-    client = client_for(FakeEngine(tokenizer=tiny_tokenizer(chat_template=None)))
+    client = client_for(FakeRuntime(tokenizer=tiny_tokenizer(chat_template=None)))
     response = client.post("/v1/chat/completions", content=b"{not json", headers={
         "content-type": "application/json"})  # fmt: skip
     assert response.status_code == 400
@@ -214,7 +149,7 @@ def test_unknown_route_is_an_openai_style_404():
 
 
 def test_concurrent_requests_decode_one_at_a_time():
-    engine = FakeEngine(delay=0.01)
+    engine = FakeRuntime(delay=0.01)
     client = client_for(engine)
     results = []
 
@@ -232,12 +167,8 @@ def test_concurrent_requests_decode_one_at_a_time():
 
 
 def test_end_to_end_on_the_tiny_model(tiny_model_dir):
-    from subspec.engine import Engine, EngineConfig
-
-    config = EngineConfig(
-        model=str(tiny_model_dir), dtype="float32", methods=("vanilla", "subspec")
-    )
-    client = client_for(Engine(config, progress=False), "subspec")
+    runtime = make_runtime(tiny_model_dir, ("vanilla", "subspec"), context=4096)
+    client = client_for(runtime, "subspec")
     request_body = {**CHAT, "max_tokens": 8}
     plain = client.post("/v1/chat/completions", json=request_body).json()
     assert plain["usage"]["completion_tokens"] >= 1
@@ -247,5 +178,5 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir):
     )
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in payloads[:-1])
     assert text == plain["choices"][0]["message"]["content"]
-    too_long = {**CHAT, "max_tokens": config.context}
+    too_long = {**CHAT, "max_tokens": runtime.cfg.context}
     assert client.post("/v1/chat/completions", json=too_long).status_code == 400

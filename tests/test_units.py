@@ -6,31 +6,47 @@ import dataclasses
 import pytest
 import torch
 
-from subspec import layers
 from subspec.config import SamplingConfig, SpecConfig, parse_size
 from subspec.errors import SubspecError
-from subspec.kv_cache import KVCache
-from subspec.model import attention
-from subspec.planner import ModelSizes, plan
-from subspec.sampling import apply_top_k, apply_top_p, target_probs
-from subspec.tree import Tree, build_tree
-from subspec.verify import walk
+from subspec.model import layers
+from subspec.model.forward import attention
+from subspec.model.kv_cache import KVCache
+from subspec.offload.planner import ModelSizes, plan
+from subspec.spec.sampling import apply_top_k, apply_top_p, target_probs
+from subspec.spec.tree import Tree, build_tree
+from subspec.spec.verify import walk
 
 
-def test_kv_compact_moves_accepted_slots_in_every_layer():
+def test_kv_accept_moves_accepted_slots_in_every_layer():
     cache = KVCache(2, 1, 2, 10, torch.float32, "cpu")
     cache.k[:, 0, :, 0] = torch.arange(10.0)
     cache.v[:, 0, :, 1] = -torch.arange(10.0)
-    cache.compact(torch.tensor([5, 7, 9]), 3)
+    cache.advance(3)
+    cache.accept(torch.tensor([5, 7, 9]))
+    assert cache.length == 6
     assert cache.k[1, 0, :6, 0].tolist() == [0, 1, 2, 5, 7, 9]
     assert cache.v[0, 0, :6, 1].tolist() == [0, -1, -2, -5, -7, -9]
 
 
-def test_kv_compact_overlapping_ranges():
+def test_kv_accept_overlapping_ranges():
     cache = KVCache(1, 1, 1, 8, torch.float32, "cpu")
     cache.k[0, 0, :, 0] = torch.arange(8.0)
-    cache.compact(torch.tensor([3, 4, 5]), 2)  # destination overlaps the sources
+    cache.advance(2)
+    cache.accept(torch.tensor([3, 4, 5]))  # destination overlaps the sources
     assert cache.k[0, 0, :5, 0].tolist() == [0, 1, 3, 4, 5]
+
+
+def test_kv_length_is_bounded_and_trim_forgets():
+    cache = KVCache(1, 1, 1, 8, torch.float32, "cpu")
+    cache.advance(5)
+    with pytest.raises(ValueError):
+        cache.advance(4)  # past the capacity
+    cache.trim(3)
+    assert cache.length == 3
+    cache.trim(7)  # trimming never grows it
+    assert cache.length == 3
+    cache.trim(0)
+    assert cache.length == 0
 
 
 def _chain_step(vocab: int, favourite):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from subspec.errors import SubspecError
+from subspec.files import atomic_output
 
 ALIGN = 4096
 MAGIC = b"SUBSPEC\x01"
@@ -132,37 +132,23 @@ def _write_body(fd: int, tensors: Mapping[str, torch.Tensor], manifest: LayerMan
 def write_layer_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> LayerManifest:
     """Write ``tensors`` (name -> tensor, any dtypes) to ``path`` atomically; return the manifest.
 
-    The file is written to a temporary name, fsynced, renamed over ``path`` and the directory
-    fsynced; its pages are then dropped from the page cache so writing a model does not leave it
-    cached in RAM.
+    The file is written to a temporary name, fsynced and renamed over ``path``; its pages are
+    then dropped from the page cache so writing a model does not leave it cached in RAM.
     """
     path = Path(path)
     manifest = plan_layout(tensors)
     header = _header(manifest)
     manifest = LayerManifest(manifest.tensors, manifest.total_bytes, len(header))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, memoryview(header))
-        _write_body(fd, tensors, manifest)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_output(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, memoryview(header))
+            _write_body(fd, tensors, manifest)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return manifest
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_header(path: Path, head: bytes) -> LayerManifest:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -26,7 +24,7 @@ from subspec.offload.layer_file import (
     layer_path,
     pack_tensors,
     plan_layout,
-    read_manifests,
+    tensors_from_buffer,
 )
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -239,94 +237,16 @@ class PinnedHostStore(SlowStore):
             dst[: src.numel()].copy_(src)
 
 
-def _open_store(path: str | os.PathLike, chunk_bytes: int, io_threads: int) -> DiskStore:
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    manifests = read_manifests(directory)
-    if not path.is_dir():
-        manifests = {u: m for u, m in manifests.items() if layer_path(directory, u) == path}
-    return DiskStore(directory, manifests, chunk_bytes=chunk_bytes, io_threads=io_threads)
+def open_store(device: torch.device, directory: Path, manifests: Mapping[int, LayerManifest]):
+    """The slow tier for a fast tier on `device`: the layer files on disk (read with
+    O_DIRECT) for a CPU, the same units packed into pinned host RAM for a CUDA device."""
+    if device.type == "cpu":
+        return DiskStore(directory, manifests)
+    return PinnedHostStore({u: _read_unit(directory, u, m) for u, m in manifests.items()})
 
 
-def measure_disk_bandwidth(
-    path_or_store: str | os.PathLike | DiskStore,
-    nbytes: int,
-    threads: int = 1,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    io_threads: int = DEFAULT_IO_THREADS,
-) -> float:
-    """Cold read bandwidth (bytes/s) of real layer files, reading at least ``nbytes``.
-
-    ``path_or_store``: a directory of layer files, one layer file, or a DiskStore (whose own
-    mode, chunk size and io_threads are then used). Units are read in order, cyclically, by
-    ``threads`` threads each with its own aligned buffer, as the prefetcher's reader threads
-    do. O_DIRECT is used where the filesystem allows it; otherwise the files' cached pages are
-    dropped first.
-    """
-    if isinstance(path_or_store, DiskStore):
-        return _measure(path_or_store, nbytes, threads)
-    with _open_store(path_or_store, chunk_bytes, io_threads) as store:
-        return _measure(store, nbytes, threads)
-
-
-def _measure(store: DiskStore, nbytes: int, threads: int) -> float:
-    if store.mode == "buffered":
-        for unit in store.manifests:
-            drop_page_cache(store.path(unit))
-    units = list(store.manifests)
-    counter = _UnitCounter(units, store, nbytes)
-    size = max(store.nbytes(u) for u in units)
-    buffers = [aligned_empty(size).fill_(0) for _ in range(threads)]  # touched: no page faults
-    start = time.perf_counter()
-    _run_threads([lambda b=b: _read_loop(store, counter, b) for b in buffers])
-    return counter.done_bytes / (time.perf_counter() - start)
-
-
-class _UnitCounter:
-    """Hands out units cyclically to reader threads until ``target`` bytes are claimed."""
-
-    def __init__(self, units: list[int], store: SlowStore, target: int):
-        self._units, self._store, self._target = units, store, target
-        self._lock = threading.Lock()
-        self._next = 0
-        self.claimed_bytes = 0
-        self.done_bytes = 0
-
-    def claim(self) -> int | None:
-        """The next unit to read, or None once enough bytes have been claimed."""
-        with self._lock:
-            if self.claimed_bytes >= self._target:
-                return None
-            unit = self._units[self._next % len(self._units)]
-            self._next += 1
-            self.claimed_bytes += self._store.nbytes(unit)
-            return unit
-
-    def done(self, unit: int) -> None:
-        """Count ``unit``'s bytes as read."""
-        with self._lock:
-            self.done_bytes += self._store.nbytes(unit)
-
-
-def _read_loop(store: DiskStore, counter: _UnitCounter, buffer: torch.Tensor) -> None:
-    while (unit := counter.claim()) is not None:
-        store.read_into(unit, buffer)
-        counter.done(unit)
-
-
-def _run_threads(targets: list) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(fn):
-        try:
-            fn()
-        except BaseException as e:  # surfaced below, in the caller's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(fn,)) for fn in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+def _read_unit(directory: Path, unit: int, manifest: LayerManifest) -> dict[str, torch.Tensor]:
+    data = torch.from_file(
+        str(layer_path(directory, unit)), size=manifest.file_bytes, dtype=torch.uint8
+    )
+    return tensors_from_buffer(data[manifest.data_offset :].clone(), manifest)

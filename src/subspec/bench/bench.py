@@ -1,6 +1,6 @@
 """`subspec bench`: methods side by side on one model, one prompt set, one budget.
 
-Each method gets its own engine, planned for the same budget (vanilla does not pay for
+Each method gets its own runtime, planned for the same budget (vanilla does not pay for
 substitutes it does not use). Timings are decode-phase; the disk bound is measured in the
 same run on the same layer files.
 """
@@ -15,11 +15,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .config import SamplingConfig, format_size
-from .errors import SubspecError
-from .generate import stream_generate
+from subspec.config import METHODS, SamplingConfig, format_size
+from subspec.errors import SubspecError
+from subspec.runtime.generate import stream_generate
+from subspec.runtime.runtime import Request
+from subspec.runtime.stats import GenerationStats
 
-ALL_METHODS = ("vanilla", "subspec", "classic", "hf")
+ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
 NEAR_TIE = 0.5  # a bf16 divergence is accepted only where the reference's top-2 logit gap is below
 WIDE = 132  # columns of the results table when stdout is not a terminal
 
@@ -56,16 +58,15 @@ def _run_method(args, method, prompts, prompt_ids):
     """(result, the prompts' token ids, the disk bound if this run measured it)."""
     if method == "hf":
         return _run_hf(args, prompt_ids), prompt_ids, None
-    engine = _engine(args, method)
-    prompt_ids = [_encode(engine, p) for p in prompts]
-    result = _run_engine(engine, method, prompt_ids, args.max_new_tokens)
-    bound = _bound(engine, result) if method == "vanilla" else None
-    engine.close()
+    with _runtime(args, method) as runtime:
+        prompt_ids = [_encode(runtime, p) for p in prompts]
+        result = _run_runtime(runtime, method, prompt_ids, args.max_new_tokens)
+        bound = _bound(runtime, result) if method == "vanilla" else None
     return result, prompt_ids, bound
 
 
 def _prompts(args) -> list[str]:
-    from .datasets import load_prompts, load_prompts_file
+    from subspec.hub.datasets import load_prompts, load_prompts_file
 
     if args.samples < 1:
         raise SubspecError(f"--samples must be >= 1, got {args.samples}")
@@ -74,91 +75,90 @@ def _prompts(args) -> list[str]:
     return load_prompts(args.dataset, args.samples)
 
 
-def _engine(args, method: str):
-    from .cli import engine_config
-    from .engine import Engine
+def _runtime(args, method: str):
+    from subspec.app.options import runtime_config
+    from subspec.runtime.build import build_runtime
 
-    engine = Engine(engine_config(args, (method,) if method != "vanilla" else ("vanilla",)))
-    print(f"[{method}] {engine.placement.summary()}", file=sys.stderr)
-    return engine
-
-
-def _encode(engine, prompt: str) -> list[int]:
-    return engine.encode_prompt(prompt, chat=bool(engine.tokenizer.chat_template))
+    runtime = build_runtime(runtime_config(args, (method,)))
+    print(f"[{method}] {runtime.placement.summary()}", file=sys.stderr)
+    return runtime
 
 
-def _run_engine(engine, method: str, prompt_ids: list[list[int]], max_new: int) -> dict:
+def _encode(runtime, prompt: str) -> list[int]:
+    return runtime.encode_prompt(prompt, chat=bool(runtime.tokenizer.chat_template))
+
+
+def _run_runtime(runtime, method: str, prompt_ids: list[list[int]], max_new: int) -> dict:
     outputs, per_prompt = [], []
     for ids in prompt_ids:
-        tokens, stats = [], {}
-        for ev in stream_generate(
-            engine, ids, method=method, max_new_tokens=max_new, sampling=SamplingConfig()
-        ):
+        tokens, stats = [], None
+        for ev in stream_generate(runtime, Request(ids, method, max_new, SamplingConfig())):
             tokens.extend(ev.token_ids)
             stats = ev.stats or stats
         outputs.append(tokens)
         per_prompt.append(stats)
-        print(f"[{method}] {stats['new_tokens']} tokens, "
-              f"{stats['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)  # fmt: skip
-    return _aggregate(method, outputs, per_prompt, engine)
+        print(f"[{method}] {stats.new_tokens} tokens, "
+              f"{stats.decode_tokens_per_s:.2f} tok/s", file=sys.stderr)  # fmt: skip
+    return _aggregate(method, outputs, per_prompt, runtime)
 
 
-def _aggregate(method, outputs, per_prompt, engine) -> dict:
-    decode_tokens = sum(max(s["new_tokens"] - 1, 0) for s in per_prompt)
-    decode_s = sum(s["decode_s"] for s in per_prompt)
-    forwards = sum(s["target_forwards"] for s in per_prompt)
+def _aggregate(method, outputs, per_prompt: list[GenerationStats], runtime) -> dict:
+    decode_tokens = sum(s.decode_tokens for s in per_prompt)
+    decode_s = sum(s.decode_s for s in per_prompt)
+    forwards = sum(s.target_forwards for s in per_prompt)
     result = {
         "tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
         "decode_tokens": decode_tokens,
         "decode_s": decode_s,
-        "prefill_s": sum(s["prefill_s"] for s in per_prompt),
+        "prefill_s": sum(s.prefill_s for s in per_prompt),
         "target_forwards": forwards,
         "tau": decode_tokens / forwards if forwards else 0.0,
-        "peak_rss_bytes": max(s["peak_rss_bytes"] for s in per_prompt),
-        "bytes_streamed": sum(s["bytes_streamed"] for s in per_prompt),
-        "transfer_wait_s": sum(s["transfer_wait_s"] for s in per_prompt),
-        "resident_bytes": engine.placement.resident_bytes,
-        "placement": engine.placement.to_dict(),
+        "peak_rss_bytes": max(s.peak_rss_bytes for s in per_prompt),
+        "bytes_streamed": sum(s.memory.bytes_streamed for s in per_prompt),
+        "transfer_wait_s": sum(s.memory.transfer_wait_s for s in per_prompt),
+        "resident_bytes": runtime.placement.resident_bytes,
+        "placement": runtime.placement.to_dict(),
         "outputs": outputs,
-        "per_prompt": per_prompt,
+        "per_prompt": [s.to_dict() for s in per_prompt],
     }
     if method != "vanilla":
-        result["draft_s"] = sum(s["draft_s"] for s in per_prompt)
-        result["verify_s"] = sum(s["verify_s"] for s in per_prompt)
-        result["accept_lengths"] = [a for s in per_prompt for a in s["accept_lengths"]]
+        result["draft_s"] = sum(s.spec.draft_s for s in per_prompt)
+        result["verify_s"] = sum(s.spec.verify_s for s in per_prompt)
+        result["accept_lengths"] = [a for s in per_prompt for a in s.spec.accept_lengths]
     return result
 
 
-def _bound(engine, vanilla: dict) -> dict | None:
+def _bound(runtime, vanilla: dict) -> dict | None:
     """Tokens/s if a decode pass cost exactly its streamed bytes at the measured disk speed."""
-    from .offload.stores import measure_disk_bandwidth
+    from subspec.bench.bandwidth import measure_disk_bandwidth
 
-    if not engine.placement.streams or not vanilla["target_forwards"]:
+    if not runtime.placement.streams or not vanilla["target_forwards"]:
         return None
     per_token = vanilla["bytes_streamed"] / sum(
-        s["target_forwards"] + 1 + (s["prompt_tokens"] - 1) // engine.cfg.prefill_chunk
+        s["target_forwards"] + 1 + (s["prompt_tokens"] - 1) // runtime.cfg.prefill_chunk
         for s in vanilla["per_prompt"]
     )  # every pass (prefill chunks included) streams the same layers
-    bandwidth = measure_disk_bandwidth(engine.prefetcher.store, 512 << 20)
+    bandwidth = measure_disk_bandwidth(runtime.streaming.prefetcher.store, 512 << 20)
     return {
         "disk_read_bytes_per_s": bandwidth,
         "streamed_bytes_per_token": per_token,
         "tokens_per_s": bandwidth / per_token,
-        "store_mode": engine.store_mode,
+        "store_mode": runtime.streaming.store_mode,
     }
 
 
 def _run_hf(args, prompt_ids) -> dict:
-    from . import hub
-    from .config import DTYPES, parse_size
-    from .hf_baseline import run_hf
-    from .tokenizer import load_tokenizer
+    from subspec.bench.hf_baseline import run_hf
+    from subspec.config import DTYPES, parse_size
+    from subspec.files import cache_root
+    from subspec.hub.models import resolve_model
+    from subspec.model.tokenizer import load_tokenizer
 
-    model_dir = hub.resolve_model(args.model)
+    model_dir = resolve_model(args.model)
     tok = load_tokenizer(model_dir)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    offload_dir = hub.cache_root() / "hf-offload"
+    offload_dir = cache_root() / "hf-offload"
     dtype = DTYPES[args.dtype]
     return run_hf(model_dir, prompt_ids, args.max_new_tokens, budget, dtype, offload_dir, eos)
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .kv_cache import KVCache
-from .layers import LayerSource, LayerWeights, Linear
+from subspec.model.config import ModelConfig
+from subspec.model.kv_cache import KVCache
+from subspec.model.layers import LayerSource, LayerWeights, Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

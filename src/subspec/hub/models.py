@@ -37,19 +37,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from .errors import SubspecError
+from subspec.errors import SubspecError
+from subspec.files import cache_root, replace_path
 
 MARKER = ".complete"
 _CHUNK = 1 << 20
 _CHECK_ROWS = 64
 _HUB_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
-
-
-def cache_root() -> Path:
-    """Where subspec keeps models, datasets and offload files: $SUBSPEC_HOME or ~/.cache/subspec."""
-    home = os.environ.get("SUBSPEC_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "subspec"
 
 
 def catalog() -> dict[str, dict]:
@@ -376,9 +371,7 @@ def _install(name: str, out: Path, tmp: Path) -> None:
     dst = model_dir(name)
     if is_ready(name):
         return
-    if dst.exists():
-        os.replace(dst, tmp / "stale")
-    os.replace(out, dst)
+    replace_path(out, dst)
 
 
 # ---------------------------------------------------------------- resolve

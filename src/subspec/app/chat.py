@@ -8,24 +8,25 @@ from contextlib import closing
 
 from rich.console import Console
 
-from .config import SamplingConfig
-from .errors import SubspecError
-from .generate import Event, stream_generate
-from .tokenizer import encode_messages
+from subspec.config import SamplingConfig
+from subspec.errors import SubspecError
+from subspec.model.tokenizer import encode_messages
+from subspec.runtime.generate import Event, stream_generate
+from subspec.runtime.runtime import Request
 
 PROMPT = ">>> "
 HELP = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
 
 
-def run_chat(engine, sampling: SamplingConfig, args) -> None:
-    """Chat with the engine until /exit or end of input.
+def run_chat(runtime, sampling: SamplingConfig, args) -> None:
+    """Chat with the runtime until /exit or end of input.
 
-    `args` needs max_new_tokens, stop and method (as the CLI's parser and load_engine set).
+    `args` needs max_new_tokens, stop and method (as the CLI's parser and load_runtime set).
     """
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"subspec chat: {engine.cfg.model} ({args.method}). {HELP}", style="dim")
+    console.print(f"subspec chat: {runtime.cfg.model} ({args.method}). {HELP}", style="dim")
     messages: list[dict] = []
     while (line := _read_line(console)) is not None:
         text = line.strip()
@@ -36,7 +37,7 @@ def run_chat(engine, sampling: SamplingConfig, args) -> None:
             console.print("history cleared", style="dim")
         elif text:
             messages.append({"role": "user", "content": text})
-            _reply(engine, sampling, args, messages, console)
+            _reply(runtime, sampling, args, messages, console)
 
 
 def _read_line(console: Console) -> str | None:
@@ -52,17 +53,15 @@ def _read_line(console: Console) -> str | None:
             console.print("(use /exit or Ctrl-D to quit)", style="dim")
 
 
-def _reply(engine, sampling, args, messages: list[dict], console: Console) -> None:
+def _reply(runtime, sampling, args, messages: list[dict], console: Console) -> None:
     """Stream the assistant's answer to the last user message and add it to the history."""
-    prompt = _fit_history(engine, messages, args.max_new_tokens, console)
+    prompt = _fit_history(runtime, messages, args.max_new_tokens, console)
     if prompt is None:
         return
     pieces, final = [], None
     try:
-        with closing(stream_generate(
-            engine, prompt, method=args.method, max_new_tokens=args.max_new_tokens,
-            sampling=sampling, stop=tuple(args.stop),
-        )) as events:  # fmt: skip
+        request = Request(prompt, args.method, args.max_new_tokens, sampling, tuple(args.stop))
+        with closing(stream_generate(runtime, request)) as events:
             for ev in events:
                 print(ev.text, end="", flush=True)
                 pieces.append(ev.text)
@@ -84,23 +83,23 @@ def _reply(engine, sampling, args, messages: list[dict], console: Console) -> No
     messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def _fit_history(engine, messages: list[dict], max_new: int, console: Console) -> list[int] | None:
+def _fit_history(runtime, messages: list[dict], max_new: int, console: Console) -> list[int] | None:
     """Prompt ids of the conversation, dropping the oldest turns until it fits the context.
 
     Returns None, and forgets the last message but nothing else, if it is too long alone.
     """
-    room = engine.cfg.context - max_new
-    alone = len(encode_messages(engine.tokenizer, messages[-1:]))
+    room = runtime.cfg.context - max_new
+    alone = len(encode_messages(runtime.tokenizer, messages[-1:]))
     if alone > room:
         console.print(
             f"that message ({alone} tokens) + {max_new} new tokens does not fit the context "
-            f"of {engine.cfg.context} tokens; try a shorter one",
+            f"of {runtime.cfg.context} tokens; try a shorter one",
             style="red", markup=False,
         )  # fmt: skip
         messages.pop()
         return None
     dropped = 0
-    while len(ids := encode_messages(engine.tokenizer, messages)) > room:
+    while len(ids := encode_messages(runtime.tokenizer, messages)) > room:
         del messages[:2]  # the oldest user turn and its reply
         dropped += 1
     if dropped:
@@ -111,9 +110,9 @@ def _fit_history(engine, messages: list[dict], max_new: int, console: Console) -
 def stat_line(final: Event) -> str:
     """One line of statistics for a finished reply: tokens, tok/s and tau when present."""
     s = final.stats
-    parts = [f"{s['new_tokens']} tokens", f"{s['decode_tokens_per_s']:.2f} tok/s"]
-    if "tau" in s:
-        parts.append(f"tau {s['tau']:.2f}")
+    parts = [f"{s.new_tokens} tokens", f"{s.decode_tokens_per_s:.2f} tok/s"]
+    if s.spec is not None:
+        parts.append(f"tau {s.spec.tau:.2f}")
     if final.finish_reason == "length":
         parts.append("cut at --max-new-tokens")
     return "[" + ", ".join(parts) + "]"

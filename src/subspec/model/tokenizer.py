@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SubspecError
+from subspec.errors import SubspecError
 
 
 def load_tokenizer(model_dir: Path):

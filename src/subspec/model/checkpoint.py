@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig
-from .errors import SubspecError
+from subspec.errors import SubspecError
+from subspec.files import read_safetensors_header
+from subspec.model.config import ModelConfig
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+# Hugging Face tensor names, the same in every supported family (Llama, Mistral, Qwen2, Qwen3).
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+# subspec's fused layer layout -> the tensors of `model.layers.{i}.` it concatenates (dim 0);
+# entries marked with a feature exist only in configs that have it.
+LAYER_TABLE: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "attn_norm": (("input_layernorm.weight",), None),
+    "mlp_norm": (("post_attention_layernorm.weight",), None),
+    "qkv.weight": (tuple(f"self_attn.{x}_proj.weight" for x in "qkv"), None),
+    "qkv.bias": (tuple(f"self_attn.{x}_proj.bias" for x in "qkv"), "qkv_bias"),
+    "o.weight": (("self_attn.o_proj.weight",), None),
+    "gate_up.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), None),
+    "down.weight": (("mlp.down_proj.weight",), None),
+    "q_norm": (("self_attn.q_norm.weight",), "qk_norm"),
+    "k_norm": (("self_attn.k_norm.weight",), "qk_norm"),
+}
+NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
+
+
+def layer_names(cfg: ModelConfig, i: int) -> dict[str, tuple[str, ...]]:
+    """Fused name -> the checkpoint tensors it is made of, for layer i of this config."""
+    return {
+        name: tuple(f"model.layers.{i}.{s}" for s in sources)
+        for name, (sources, feature) in LAYER_TABLE.items()
+        if feature is None or getattr(cfg, feature)
+    }
 
 
 class Checkpoint:
@@ -38,8 +66,9 @@ class Checkpoint:
             raise SubspecError(f"no *.safetensors files in {model_dir}")
         file_of = {}
         for f in files:
-            for name in _header(f):
-                file_of[name] = f
+            for name in read_safetensors_header(f)[1]:
+                if name != "__metadata__":
+                    file_of[name] = f
         return file_of
 
     def has(self, name: str) -> bool:
@@ -61,7 +90,7 @@ class Checkpoint:
     def rows(self, name: str) -> tuple[np.memmap, torch.dtype]:
         """A read-only memory map of a 2-D tensor (for embedding rows read on demand)."""
         path = self.file_of[name]
-        header_len, header = _raw_header(path)
+        header_len, header = read_safetensors_header(path)
         info = header[name]
         start, end = info["data_offsets"]
         dtype = _ST_DTYPES[info["dtype"]]
@@ -81,48 +110,28 @@ class Checkpoint:
         """Drop the file handles (and their memory maps)."""
         self._handles.clear()
 
+    def __enter__(self) -> Checkpoint:
+        return self
 
-def _raw_header(path: Path) -> tuple[int, dict]:
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-    except (OSError, ValueError, struct.error) as e:
-        raise SubspecError(f"corrupted or unreadable checkpoint file {path}: {e}") from None
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                   default=0)  # fmt: skip
-    if 8 + n + data_end > size:
-        raise SubspecError(f"truncated checkpoint file {path}: {size} bytes, header needs more")
-    return n, header
-
-
-def _header(path: Path) -> list[str]:
-    return [k for k in _raw_header(path)[1] if k != "__metadata__"]
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def layer_tensors(ckpt: Checkpoint, cfg: ModelConfig, i: int, dtype) -> dict[str, torch.Tensor]:
     """Layer i in the fused layout of layers.py (qkv and gate_up concatenated on dim 0)."""
-    p = f"model.layers.{i}."
-
-    def get(name: str) -> torch.Tensor:
-        return ckpt.get(p + name, dtype)
-
     t = {
-        "attn_norm": get("input_layernorm.weight"),
-        "mlp_norm": get("post_attention_layernorm.weight"),
-        "qkv.weight": torch.cat([get(f"self_attn.{x}_proj.weight") for x in "qkv"]),
-        "o.weight": get("self_attn.o_proj.weight"),
-        "gate_up.weight": torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
-        "down.weight": get("mlp.down_proj.weight"),
+        name: torch.cat([ckpt.get(hf, dtype) for hf in sources])
+        for name, sources in layer_names(cfg, i).items()
     }
-    if cfg.qkv_bias:
-        t["qkv.bias"] = torch.cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"])
-    if cfg.qk_norm:
-        t["q_norm"] = get("self_attn.q_norm.weight")
-        t["k_norm"] = get("self_attn.k_norm.weight")
     _check_shapes(t, cfg, i)
     return t
+
+
+def layer_norms(ckpt: Checkpoint, cfg: ModelConfig, i: int, dtype) -> dict[str, torch.Tensor]:
+    """The full-precision vectors of layer i (norms, no linear weights): what a substitute
+    layer keeps beside its low-bit linears."""
+    names = layer_names(cfg, i)
+    return {name: ckpt.get(names[name][0], dtype) for name in NORMS if name in names}
 
 
 def _check_shapes(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> None:
@@ -137,6 +146,6 @@ def _check_shapes(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> None:
 
 def lm_head_name(ckpt: Checkpoint, cfg: ModelConfig) -> str:
     """The tensor used as output projection (tied embeddings when there is no lm_head)."""
-    if not cfg.tie_word_embeddings and ckpt.has("lm_head.weight"):
-        return "lm_head.weight"
-    return "model.embed_tokens.weight"
+    if not cfg.tie_word_embeddings and ckpt.has(LM_HEAD):
+        return LM_HEAD
+    return EMBED

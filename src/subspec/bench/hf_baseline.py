@@ -23,18 +23,17 @@ in the offload folder for accelerate's own format).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
-import struct
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import SubspecError
-from .memory import peak_rss_bytes, reset_peak_rss
+from subspec.errors import SubspecError
+from subspec.files import read_safetensors_header
+from subspec.memory import peak_rss_bytes, reset_peak_rss
 
 Range = tuple[str, int, int]  # (file, offset, length)
 
@@ -317,9 +316,8 @@ def _offload_loader(module):
 
 def _safetensors_span(path: str, tensor: str) -> tuple[int, int]:
     """(file offset, length) of ``tensor``'s data in a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        begin, end = json.loads(f.read(n))[tensor]["data_offsets"]
+    n, header = read_safetensors_header(Path(path))
+    begin, end = header[tensor]["data_offsets"]
     return 8 + n + begin, end - begin
 
 

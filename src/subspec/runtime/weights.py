@@ -4,29 +4,26 @@ low-bit substitutes, the last two cached on disk and keyed by the checkpoint's f
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+import logging
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
-from . import quant
-from .checkpoint import Checkpoint, layer_tensors
-from .config import ModelConfig
-from .layers import LINEAR_NAMES, LayerWeights, dense, dense_layer, substitute_layer
-from .offload.layer_file import (
-    align_up,
-    layer_path,
-    read_manifest,
-    tensors_from_buffer,
-    write_layer_file,
-)
-from .offload.prefetch import Prefetcher
+from subspec import quant
+from subspec.errors import SubspecError
+from subspec.files import safetensors_fingerprint
+from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
+from subspec.model.config import ModelConfig
+from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
+from subspec.offload.layer_file import align_up, layer_path, read_manifest, write_layer_file
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(ckpt: Checkpoint) -> str:
     """A short hash of the checkpoint's files (names, sizes, safetensors headers)."""
-    return quant.safetensors_fingerprint(set(ckpt.file_of.values()))[:16]
+    return safetensors_fingerprint(set(ckpt.file_of.values()))[:16]
 
 
 def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -92,9 +89,13 @@ def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> d
     directory.mkdir(parents=True, exist_ok=True)
     manifests, missing = {}, []
     for i in units:
+        path = layer_path(directory, i)
         try:
-            manifests[i] = read_manifest(layer_path(directory, i))
-        except Exception:  # absent, truncated or stale: rewrite it
+            manifests[i] = read_manifest(path)
+        except FileNotFoundError:
+            missing.append(i)
+        except (OSError, SubspecError) as e:  # truncated or stale
+            log.warning("rewriting %s: %s", path, e)
             missing.append(i)
     task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
@@ -127,7 +128,7 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
             progress.advance(task)
     subs = {}
     for i in layers:
-        tensors = {k: v.to(device) for k, v in _norms(ckpt, cfg, i, dtype).items()}
+        tensors = {k: v.to(device) for k, v in layer_norms(ckpt, cfg, i, dtype).items()}
         linears = {name: cached[i][name].to(device) for name in LINEAR_NAMES}
         subs[i] = substitute_layer(tensors, linears)
     return subs
@@ -156,53 +157,3 @@ def load_draft_head(load_weight, shape, dtype, device, spec, path, progress):
         if task is not None and progress:
             progress.advance(task)
     return head["lm_head"].to(device)
-
-
-def _norms(ckpt, cfg, i, dtype) -> dict[str, torch.Tensor]:
-    p = f"model.layers.{i}."
-    t = {
-        "attn_norm": ckpt.get(p + "input_layernorm.weight", dtype),
-        "mlp_norm": ckpt.get(p + "post_attention_layernorm.weight", dtype),
-    }
-    if cfg.qk_norm:
-        t["q_norm"] = ckpt.get(p + "self_attn.q_norm.weight", dtype)
-        t["k_norm"] = ckpt.get(p + "self_attn.k_norm.weight", dtype)
-    return t
-
-
-class StreamedLayers:
-    """Target layers that live in the slow tier: each use waits for its bytes in a buffer."""
-
-    def __init__(self, prefetcher: Prefetcher, manifests: dict):
-        self.prefetcher, self.manifests = prefetcher, manifests
-        self.bytes_used = 0  # bytes of layers consumed by forward passes
-
-    @contextmanager
-    def tensors(self, unit: int):
-        """The tensors of one unit (a layer or an LM head chunk), valid inside the block."""
-        buf = self.prefetcher.acquire(unit)
-        try:
-            self.bytes_used += self.manifests[unit].total_bytes
-            yield tensors_from_buffer(buf, self.manifests[unit])
-        finally:
-            self.prefetcher.release(unit)
-
-    @contextmanager
-    def layer(self, i: int):
-        with self.tensors(i) as t:
-            yield dense_layer(t)
-
-
-class StreamedHead:
-    """The target's LM head in the slow tier, read chunk by chunk on every call."""
-
-    def __init__(self, streamer: StreamedLayers, units: list[int]):
-        self.streamer, self.units = streamer, units
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, H] -> logits [T, V], the vocabulary in the chunks' order."""
-        parts = []
-        for unit in self.units:
-            with self.streamer.tensors(unit) as t:
-                parts.append(dense(t["weight"])(h))  # [T, rows]
-        return torch.cat(parts, dim=-1)

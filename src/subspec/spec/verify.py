@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import SamplingConfig
-from .sampling import target_probs
-from .tree import Tree
+from subspec.config import SamplingConfig
+from subspec.spec.sampling import target_probs
+from subspec.spec.tree import Tree
 
 
 def walk(

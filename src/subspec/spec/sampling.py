@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SamplingConfig
+from subspec.config import SamplingConfig
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,117 +30,19 @@ The cache always stores the device-independent ``bitpack`` form.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
-from collections.abc import Callable, Iterable
-from importlib.metadata import version
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import native
+from subspec.quant import native
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_QUANT_CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many weights
 _UNPACK_EYE_ROWS = 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantization
-
-
-def quantize_linear(
-    weight: Tensor,
-    bias: Tensor | None,
-    *,
-    bits: int = 4,
-    group_size: int = 64,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    optimize: bool = True,
-) -> QuantLinear:
-    """Quantize ``weight[out, in]`` with data-free HQQ (groups along ``in``) into a QuantLinear.
-
-    HQQ fits scales and zero points; ``q`` is then re-rounded against those parameters as stored
-    in ``compute_dtype`` so that storage rounding does not add error. Rows are processed in
-    chunks to bound memory. The result lives on ``weight``'s device.
-    """
-    out_features, in_features = weight.shape
-    _check_config(in_features, bits, group_size)
-    rows = max(1, _QUANT_CHUNK_ELEMENTS // in_features)
-    parts = [
-        _quantize_rows(chunk, bits, group_size, compute_dtype, optimize)
-        for chunk in weight.split(rows)
-    ]
-    q = torch.cat([p[0] for p in parts])  # [out, in] uint8
-    scales_and_zeros = torch.cat([p[1] for p in parts], dim=1)  # [in / g, out, 2]
-    bias = None if bias is None else bias.to(compute_dtype)
-    return QuantLinear(q, scales_and_zeros, bias, bits=bits, group_size=group_size)
-
-
-def _check_config(in_features: int, bits: int, group_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} not supported; choose one of {SUPPORTED_BITS}")
-    if group_size % 8 or in_features % group_size:
-        raise ValueError(
-            f"group_size={group_size} must be a multiple of 8 dividing in_features={in_features}"
-        )
-
-
-def _quantize_rows(
-    w: Tensor, bits: int, group_size: int, dtype: torch.dtype, optimize: bool
-) -> tuple[Tensor, Tensor]:
-    """HQQ on a block of rows ``w[rows, in]`` -> (q[rows, in] uint8, scales_and_zeros)."""
-    from hqq.core.quantize import Quantizer  # slow import (~3 s), only needed here
-
-    rows, in_features = w.shape
-    off = _offset(bits)
-    _, meta = Quantizer.quantize(
-        w,
-        nbits=bits,
-        group_size=group_size,
-        optimize=optimize,
-        axis=1,
-        bitpack=False,
-        device=w.device,
-    )
-    scale = meta["scale"].float().view(rows, -1)  # [rows, in / g]
-    zero = ((off - meta["zero"].float().view(rows, -1)) * scale).to(dtype)
-    scale = scale.to(dtype)
-    groups = w.float().view(rows, -1, group_size)  # [rows, in / g, g]
-    q = (groups - zero.float()[..., None]) / scale.float()[..., None]
-    q = q.round_().add_(off).clamp_(0, 2**bits - 1).to(torch.uint8).view(rows, in_features)
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [in / g, rows, 2]
-    return q, scales_and_zeros
-
-
-def quantized_nbytes(
-    out_features: int,
-    in_features: int,
-    bits: int,
-    group_size: int,
-    *,
-    bias: bool = False,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> int:
-    """Bytes a QuantLinear of this shape holds in memory (same for every layout)."""
-    itemsize = compute_dtype.itemsize
-    values = out_features * in_features * bits // 8
-    scales_and_zeros = (in_features // group_size) * out_features * 2 * itemsize
-    return values + scales_and_zeros + (out_features * itemsize if bias else 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# The module
 
 
 class QuantLinear(nn.Module):
@@ -239,7 +141,8 @@ def _vnni_fits(m: QuantLinear) -> bool:
     )  # fmt: skip
 
 
-def _offset(bits: int) -> int:
+def offset(bits: int) -> int:
+    """The value stored for a zero weight offset: q - off is signed."""
     return 8 if bits <= 4 else 128
 
 
@@ -247,7 +150,7 @@ def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype) -> Tensor:
     """``(q - off) * s + z`` in ``dtype``: ``q[out, in]`` -> ``[out, in]``."""
     groups = q.view(m.out_features, -1, m.group_size).to(dtype)  # [out, in / g, g]
     sz = m.scales_and_zeros.transpose(0, 1).to(dtype)  # [out, in / g, 2]
-    w = groups.sub_(_offset(m.bits)).mul_(sz[..., :1]).add_(sz[..., 1:])
+    w = groups.sub_(offset(m.bits)).mul_(sz[..., :1]).add_(sz[..., 1:])
     return w.view(m.out_features, m.in_features)
 
 
@@ -255,7 +158,7 @@ def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype) -> Tensor:
 # Layouts: pack (q[out, in] uint8 -> qdata), unpack (qdata -> q), matmul (x[M, in] -> [M, out])
 
 
-def _bitpack(q: Tensor, bits: int) -> Tensor:
+def bitpack(q: Tensor, bits: int) -> Tensor:
     """``q[n, k]`` -> ``[n, k * bits / 8]`` uint8: each 8 values form ``bits`` little-endian
     bytes, value ``i`` at bit ``bits * i`` (for 2 and 4 bits: whole values per byte)."""
     n, k = q.shape
@@ -276,7 +179,7 @@ def _bitpack(q: Tensor, bits: int) -> Tensor:
     return packed.to(torch.uint8).view(n, k * bits // 8)
 
 
-def _bitunpack(packed: Tensor, bits: int) -> Tensor:
+def bitunpack(packed: Tensor, bits: int) -> Tensor:
     """Inverse of ``_bitpack``: ``[n, k * bits / 8]`` uint8 -> ``q[n, k]`` uint8."""
     n = packed.shape[0]
     if bits == 8:
@@ -446,7 +349,7 @@ def _matmul_int8_rowwise(x: Tensor, m: QuantLinear) -> Tensor:
 
 def _matmul_bitpack(x: Tensor, m: QuantLinear) -> Tensor:
     # float32 arithmetic then one rounding: (q - off) * s cancels against z in low precision
-    w = _dequantize(_bitunpack(m.qdata, m.bits), m, torch.float32)  # [out, in]
+    w = _dequantize(bitunpack(m.qdata, m.bits), m, torch.float32)  # [out, in]
     return F.linear(x, w.to(m.compute_dtype))
 
 
@@ -455,14 +358,14 @@ _PACK = {
     "int4_vnni": _pack_int4_vnni,
     "int4_cuda": _pack_int4_cuda,
     "int8_rowwise": lambda q, m: (q ^ 0x80).view(torch.int8),
-    "bitpack": lambda q, m: _bitpack(q, m.bits),
+    "bitpack": lambda q, m: bitpack(q, m.bits),
 }
 _UNPACK = {
     "int4_cpu": _unpack_int4_cpu,
     "int4_vnni": _unpack_int4_vnni,
     "int4_cuda": _unpack_int4_cuda,
     "int8_rowwise": lambda data, m: data.view(torch.uint8) ^ 0x80,
-    "bitpack": lambda data, m: _bitunpack(data, m.bits),
+    "bitpack": lambda data, m: bitunpack(data, m.bits),
 }
 _MATMUL = {
     "int4_cpu": _matmul_int4_cpu,
@@ -471,108 +374,3 @@ _MATMUL = {
     "int8_rowwise": _matmul_int8_rowwise,
     "bitpack": _matmul_bitpack,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Cache
-
-
-def cache_meta(
-    *, bits: int, group_size: int, fingerprint: str, optimize: bool = True, **extra
-) -> dict:
-    """The meta a cache is keyed on; ``save``/``load_quantized`` add format and hqq versions."""
-    return {
-        "bits": bits,
-        "group_size": group_size,
-        "fingerprint": fingerprint,
-        "optimize": optimize,
-        **extra,
-    }
-
-
-def safetensors_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
-    """sha256 over each safetensors file's name, size and header (tensor names, dtypes, shapes,
-    offsets) - cheap, and changes whenever the checkpoint is replaced."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header = f.read(int.from_bytes(head, "little"))
-        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-        digest.update(header)
-    return digest.hexdigest()
-
-
-def save_quantized(path: str | os.PathLike, layers: dict[str, QuantLinear], meta: dict) -> None:
-    """Write ``layers`` to a safetensors file atomically (temp file + ``os.replace``).
-
-    ``meta`` must be JSON-serialisable (see ``cache_meta``); a checksum over meta, layer
-    shapes and tensor bytes is stored so that ``load_quantized`` can reject corrupted files.
-    """
-    tensors, shapes = {}, {}
-    for name, layer in layers.items():
-        tensors[f"{name}.qweight"] = _bitpack(layer.unpacked(), layer.bits).cpu()
-        tensors[f"{name}.scales_and_zeros"] = layer.scales_and_zeros.cpu()
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.cpu()
-        shapes[name] = [layer.out_features, layer.in_features, layer.bits, layer.group_size]
-    metadata = {"meta": _meta_json(meta), "layers": json.dumps(shapes, sort_keys=True)}
-    metadata["checksum"] = _checksum(metadata, tensors)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_quantized(
-    path: str | os.PathLike, expected_meta: dict, device: str | torch.device = "cpu"
-) -> dict[str, QuantLinear] | None:
-    """Load layers written by ``save_quantized`` onto ``device``.
-
-    Returns None (never raises) when the file is missing, unreadable, truncated, corrupted
-    (checksum mismatch) or was written for other meta, format or hqq version: rebuild then.
-    """
-    try:
-        return _load(Path(path), expected_meta, torch.device(device))
-    except Exception as exc:  # any failure means "no usable cache"
-        log.info("quantized cache %s unusable: %s", path, exc)
-        return None
-
-
-def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, QuantLinear] | None:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("meta") != _meta_json(expected_meta):
-            log.info("quantized cache %s was built for other settings", path)
-            return None
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    if metadata["checksum"] != _checksum(metadata, tensors):
-        raise ValueError("checksum mismatch")
-    layers = {}
-    for name, (out_f, in_f, bits, group_size) in json.loads(metadata["layers"]).items():
-        q = _bitunpack(tensors[f"{name}.qweight"].to(device), bits).view(out_f, in_f)
-        # copies: a view would keep the whole file mapped (and counted in RSS) for good
-        sz = tensors[f"{name}.scales_and_zeros"].to(device, copy=True)
-        bias = tensors.get(f"{name}.bias")
-        bias = None if bias is None else bias.to(device, copy=True)
-        layers[name] = QuantLinear(q, sz, bias, bits=bits, group_size=group_size)
-    return layers
-
-
-def _meta_json(meta: dict) -> str:
-    full = {**meta, "format_version": FORMAT_VERSION, "hqq_version": version("hqq")}
-    return json.dumps(full, sort_keys=True)
-
-
-def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256(f"{metadata['meta']}\0{metadata['layers']}".encode())
-    for key in sorted(tensors):
-        t = tensors[key]
-        digest.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        digest.update(t.contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()

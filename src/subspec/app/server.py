@@ -1,7 +1,7 @@
-"""An OpenAI-compatible HTTP server over one engine.
+"""An OpenAI-compatible HTTP server over one runtime.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
-`stream` as server-sent events) and `GET /health`. The engine decodes one request at a time;
+`stream` as server-sent events) and `GET /health`. The runtime decodes one request at a time;
 concurrent requests wait on a lock. Bad requests get HTTP 400 with an OpenAI-style error body.
 """
 
@@ -25,10 +25,11 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from .config import SamplingConfig
-from .errors import SubspecError
-from .generate import Event, stream_generate
-from .tokenizer import encode, encode_messages
+from subspec.config import SamplingConfig, default_method
+from subspec.errors import SubspecError
+from subspec.model.tokenizer import encode, encode_messages
+from subspec.runtime.generate import Event, stream_generate
+from subspec.runtime.runtime import Request
 
 HIDDEN_STATS = ("accept_lengths", "placement")  # too bulky for every response
 
@@ -81,27 +82,24 @@ class CompletionRequest(SamplingRequest):
 class Job:
     """One validated generation request."""
 
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
+    request: Request
     include_usage: bool
 
 
 class Runner:
-    """The engine behind a lock: one generation at a time."""
+    """The runtime behind a lock: one generation at a time."""
 
-    def __init__(self, engine, method: str):
-        self.engine, self.method = engine, method
+    def __init__(self, runtime, method: str):
+        self.runtime, self.method = runtime, method
         self.lock = threading.Lock()
 
     def job(self, req: SamplingRequest, prompt_ids: list[int]) -> Job:
-        """Validate a request against the engine; raises SubspecError for a bad one.
+        """Validate a request against the runtime; raises SubspecError for a bad one.
 
         Defaults when the request leaves a field out: temperature 0 (greedy), top_p 1, top_k 0
         (off), a random seed, and max tokens = the rest of the context.
         """
-        room = self.engine.cfg.context - len(prompt_ids)
+        room = self.runtime.cfg.context - len(prompt_ids)
         max_new = req.max_completion_tokens or req.max_tokens or max(room, 1)
         sampling = SamplingConfig(
             temperature=0.0 if req.temperature is None else req.temperature,
@@ -109,18 +107,15 @@ class Runner:
             top_k=req.top_k or 0,
             seed=random.randrange(2**63) if req.seed is None else req.seed,
         )
-        self.engine.check_fits(len(prompt_ids), max_new, self.method)
+        request = Request(prompt_ids, self.method, max_new, sampling, _stops(req.stop))
+        self.runtime.check(len(prompt_ids), max_new, self.method)
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(prompt_ids, max_new, sampling, _stops(req.stop), usage)
+        return Job(request, usage)
 
     def events(self, job: Job) -> Iterator[Event]:
-        """The generation's events, holding the engine until they end or are abandoned."""
+        """The generation's events, holding the runtime until they end or are abandoned."""
         with self.lock:
-            gen = stream_generate(
-                self.engine, job.prompt_ids, method=self.method, max_new_tokens=job.max_new_tokens,
-                sampling=job.sampling, stop=job.stop,
-            )  # fmt: skip
-            with closing(gen):
+            with closing(stream_generate(self.runtime, job.request)) as gen:
                 yield from gen
 
     def complete(self, job: Job) -> tuple[str, Event]:
@@ -139,15 +134,15 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _chat_prompt(engine, messages: list[Message]) -> list[int]:
+def _chat_prompt(runtime, messages: list[Message]) -> list[int]:
     try:
-        return encode_messages(engine.tokenizer, [m.as_dict() for m in messages])
+        return encode_messages(runtime.tokenizer, [m.as_dict() for m in messages])
     except (TemplateError, ValueError) as e:  # a template's raise_exception, or no template
         raise SubspecError(f"cannot apply the chat template: {e}") from None
 
 
 def _usage(final: Event) -> dict:
-    prompt, completion = final.stats["prompt_tokens"], final.stats["new_tokens"]
+    prompt, completion = final.stats.prompt_tokens, final.stats.new_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -156,7 +151,7 @@ def _usage(final: Event) -> dict:
 
 
 def _subspec(final: Event) -> dict:
-    return {k: v for k, v in final.stats.items() if k not in HIDDEN_STATS}
+    return {k: v for k, v in final.stats.to_dict().items() if k not in HIDDEN_STATS}
 
 
 def _finish(final: Event) -> str:
@@ -242,8 +237,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_error_body(f"internal error: {exc!r}", "server_error"), 500)
 
 
-def create_app(engine, method: str) -> FastAPI:
-    """The FastAPI app serving `engine` with decoding `method`.
+def create_app(runtime, method: str) -> FastAPI:
+    """The FastAPI app serving `runtime` with decoding `method`.
 
     Sampling fields: temperature (default 0, greedy), top_p (default 1), top_k (an extension,
     default 0 = off), seed (default random), stop (a string or a list), max_tokens or
@@ -251,8 +246,8 @@ def create_app(engine, method: str) -> FastAPI:
     `subspec` field with the decoding statistics (method, tau, decode tokens/s, ...); streamed
     responses carry it on the chunk with the finish_reason.
     """
-    runner = Runner(engine, method)
-    model = engine.cfg.model
+    runner = Runner(runtime, method)
+    model = runtime.cfg.model
     app = FastAPI(title="subspec", description=__doc__)
     _add_error_handlers(app)
 
@@ -267,7 +262,7 @@ def create_app(engine, method: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest):
-        job = runner.job(req, _chat_prompt(engine, req.messages))
+        job = runner.job(req, _chat_prompt(runtime, req.messages))
         if req.stream:
             base = _base("chatcmpl", "chat.completion.chunk", model)
             role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -285,7 +280,7 @@ def create_app(engine, method: str) -> FastAPI:
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        job = runner.job(req, encode(engine.tokenizer, req.prompt, chat=False))
+        job = runner.job(req, encode(runtime.tokenizer, req.prompt, chat=False))
         base = _base("cmpl", "text_completion", model)
         if req.stream:
             return _sse_response(_stream(runner, job, base, _text_choice))
@@ -300,21 +295,13 @@ def create_app(engine, method: str) -> FastAPI:
     return app
 
 
-def default_method(engine) -> str:
-    """The method the CLI would pick: the prepared draft, but vanilla if nothing streams."""
-    drafts = [m for m in engine.cfg.methods if m != "vanilla"]
-    if not drafts or (drafts[0] == "subspec" and not engine.placement.streams):
-        return "vanilla"
-    return drafts[0]
-
-
-def serve(engine, host: str, port: int, method: str | None = None) -> None:
-    """Serve `engine` over HTTP until interrupted (method: default_method(engine) if None)."""
+def serve(runtime, host: str, port: int, method: str | None = None) -> None:
+    """Serve `runtime` over HTTP until interrupted (method: default_method(runtime) if None)."""
     import uvicorn
 
-    method = method or default_method(engine)
+    method = method or default_method(runtime.methods, runtime.placement.streams)
     shown = f"[{host}]" if ":" in host else host
-    print(f"subspec: serving {engine.cfg.model} ({method}) at http://{shown}:{port}/v1",
+    print(f"subspec: serving {runtime.cfg.model} ({method}) at http://{shown}:{port}/v1",
           file=sys.stderr)  # fmt: skip
-    print(engine.placement.summary(), file=sys.stderr)
-    uvicorn.run(create_app(engine, method), host=host, port=port)
+    print(runtime.placement.summary(), file=sys.stderr)
+    uvicorn.run(create_app(runtime, method), host=host, port=port)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SamplingConfig, SpecConfig
-from .model import causal_mask
-from .sampling import choose
-from .tree import build_tree
-from .verify import walk
+from subspec.config import SamplingConfig, SpecConfig
+from subspec.model.forward import causal_mask
+from subspec.model.placed import PlacedModel
+from subspec.spec.sampling import choose
+from subspec.spec.tree import build_tree
+from subspec.spec.verify import walk
 
 
 @dataclass
@@ -32,20 +33,25 @@ class DecodeStats:
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
 
-def prefill(target, prompt: list[int], chunk: int) -> torch.Tensor:
-    """Run the prompt through the target in chunks; returns the last position's logits [V]."""
+def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
+    """Run the prompt through an empty cache in chunks; returns the last position's logits [V]."""
     cache = target.cache
     for start in range(0, len(prompt), chunk):
         ids = torch.tensor(prompt[start : start + chunk], dtype=torch.long, device=target.device)
         t = ids.numel()
         pos = torch.arange(start, start + t, device=target.device)
         hidden = target.forward(ids, pos, pos, causal_mask(start, t, target.device), start + t)
-    cache.length = len(prompt)
-    return target.model.logits(hidden[-1:])[0]
+        cache.advance(t)
+    return target.logits(hidden[-1:])[0]
 
 
 def vanilla(
-    target, prompt: list[int], sampling: SamplingConfig, gen, stats: DecodeStats, chunk: int
+    target: PlacedModel,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    gen,
+    stats: DecodeStats,
+    chunk: int,
 ) -> Iterator[list[int]]:
     """Plain autoregressive decoding: one target pass per token."""
     t0 = time.perf_counter()
@@ -62,12 +68,12 @@ def vanilla(
         tok = torch.tensor([pending], device=device)
         hidden = target.forward(tok, slot, slot, None, cache.length + 1)
         stats.target_forwards += 1
-        cache.length += 1
-        logits = target.model.logits(hidden)[0]
+        cache.advance(1)
+        logits = target.logits(hidden)[0]
 
 
 def speculative(
-    target, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
+    target: PlacedModel, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
     gen, stats: DecodeStats, chunk: int,
 ) -> Iterator[list[int]]:  # fmt: skip
     """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token."""
@@ -89,14 +95,14 @@ def speculative(
             tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
             start + tree.size,
         )  # fmt: skip
-        path, bonus = walk(tree, target.model.logits(hidden), sampling, gen)
+        path, bonus = walk(tree, target.logits(hidden), sampling, gen)
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
         stats.target_forwards += 1
         stats.accept_lengths.append(len(path))
         path_t = torch.tensor(path, dtype=torch.long, device=device)
-        cache.compact(path_t + start, start + 1)
-        drafter.commit(tree.origin[path_t] + start, start + 1)  # its KV sits where drafted
-        cache.length = start + 1 + len(path)
+        cache.advance(1)  # the root, verified at slot `start`
+        cache.accept(path_t + start)
+        drafter.commit(tree.origin[torch.cat([path_t.new_zeros(1), path_t])] + start)
         pending = bonus
         yield tree.tokens[path].tolist() + [bonus]

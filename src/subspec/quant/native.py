@@ -15,12 +15,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .hub import cache_root
+from subspec.files import atomic_output, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +62,11 @@ def _build(compiler: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_output(target, durable=False) as tmp:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

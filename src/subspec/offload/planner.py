@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .config import format_size
-from .errors import SubspecError
+from subspec.config import format_size
+from subspec.errors import SubspecError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The user-facing commands: the CLI, the terminal chat and the OpenAI-compatible server."""

@@ -1,0 +1,146 @@
+"""The `subspec` command line: a thin layer mapping flags onto the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from subspec.app.options import model_args, runtime_config, sampling_args, sampling_config
+from subspec.config import default_method, format_size, methods_to_load
+from subspec.errors import SubspecError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="subspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from one prompt")
+    model_args(gen)
+    sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    model_args(chat)
+    sampling_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    bench = sub.add_parser("bench", help="compare methods side by side")
+    model_args(bench)
+    bench.add_argument(
+        "--methods", default="vanilla,hf", help="comma list: vanilla,subspec,classic,hf"
+    )
+    bench.add_argument("--dataset", default="mt-bench", help="mt-bench, humaneval, gsm8k, aime2025")
+    bench.add_argument("--prompts-file", default=None, help="JSON lines with a 'prompt' field")
+    bench.add_argument("--samples", type=int, default=3)
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument("--out", default="bench.json")
+
+    models = sub.add_parser("models", help="list or pull the catalogue's models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="show the catalogue and what is pulled")
+    pull = msub.add_parser("pull", help="fetch and convert a model")
+    pull.add_argument("name")
+    return parser
+
+
+def load_runtime(args):
+    """A runtime with the drafts that --method asks for (subspec by default when streaming);
+    settles args.method."""
+    from subspec.runtime.build import build_runtime
+
+    runtime = build_runtime(runtime_config(args, methods_to_load(args.method)))
+    if args.method is None:
+        args.method = default_method(runtime.methods, runtime.placement.streams)
+    if args.verbose:
+        print(runtime.placement.summary(), file=sys.stderr)
+    return runtime
+
+
+def cmd_generate(args) -> None:
+    from subspec.runtime.generate import stream_generate
+    from subspec.runtime.runtime import Request
+
+    sampling = sampling_config(args)
+    with load_runtime(args) as runtime:
+        ids = runtime.encode_prompt(args.prompt, args.chat)
+        request = Request(ids, args.method, args.max_new_tokens, sampling, tuple(args.stop))
+        pieces, tokens, final = [], [], None
+        for ev in stream_generate(runtime, request):
+            pieces.append(ev.text)
+            tokens.extend(ev.token_ids)
+            if not args.json:
+                print(ev.text, end="", flush=True)
+            final = ev
+    s = final.stats
+    if args.json:
+        stats = {**s.to_dict(), "finish_reason": final.finish_reason}
+        print(json.dumps({"text": "".join(pieces), "token_ids": tokens, "stats": stats}))
+    else:
+        print()
+        if args.verbose:
+            print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s, "
+                  f"peak RSS {format_size(s.peak_rss_bytes)}]", file=sys.stderr)  # fmt: skip
+
+
+def cmd_models(args) -> None:
+    import subspec.hub.models as hub
+
+    if args.models_command == "pull":
+        print(hub.pull(args.name))
+        return
+    for m in hub.list_models():
+        state = "ready" if m["ready"] else "not pulled"
+        print(f"{m['name']:32} {state:11} {m['arch'].split(',')[0]}")
+
+
+def cmd_chat(args) -> None:
+    from subspec.app.chat import run_chat
+
+    with load_runtime(args) as runtime:
+        run_chat(runtime, sampling_config(args), args)
+
+
+def cmd_serve(args) -> None:
+    from subspec.app.server import serve
+
+    with load_runtime(args) as runtime:  # settles args.method
+        serve(runtime, args.host, args.port, method=args.method)
+
+
+def cmd_bench(args) -> None:
+    from subspec.bench.bench import run_bench
+
+    run_bench(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SubspecError as e:
+        print(f"subspec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsubspec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The flags every command shares, and their mapping onto the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+
+from subspec.config import (
+    DEFAULT_MODEL,
+    DTYPES,
+    METHODS,
+    RuntimeConfig,
+    SamplingConfig,
+    SpecConfig,
+    parse_size,
+)
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and memory")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="catalogue name, local dir or hub id")
+    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--memory-budget", default=None, help="fast-memory budget, e.g. 1.2GB, 900MiB")
+    g.add_argument("--context", type=int, default=4096, help="max prompt + output tokens")
+    g.add_argument("--verbose", action="store_true", help="print the placement summary")
+    s = p.add_argument_group("speculation")
+    s.add_argument("--method", default=None, choices=METHODS,
+                   help="default: subspec when the model streams, else vanilla")  # fmt: skip
+    s.add_argument("--depth", type=int, default=SpecConfig.depth, help="tree depth D")
+    s.add_argument("--width", type=int, default=SpecConfig.width, help="tree width k")
+    s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
+    s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
+                   help="verify only the best-scoring nodes of the tree (0 = all)")  # fmt: skip
+    s.add_argument("--bits", type=int, default=SpecConfig.bits, help="substitute bit width")
+    s.add_argument("--draft-head-bits", type=int, default=SpecConfig.head_bits,
+                   help="bit width of the draft's LM head (16 = share the target's)")  # fmt: skip
+    s.add_argument("--no-hqq-optimize", action="store_true",
+                   help="min-max rounding instead of HQQ's solver (~20x faster)")  # fmt: skip
+    s.add_argument("--draft-model", default=None, help="draft model for --method classic")
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def spec_config(args) -> SpecConfig:
+    return SpecConfig(
+        depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
+        verify_nodes=args.verify_nodes,
+        bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
+    )  # fmt: skip
+
+
+def sampling_config(args) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+
+
+def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    return RuntimeConfig(
+        model=args.model, dtype=args.dtype, device=args.device, memory_budget=budget,
+        context=args.context, methods=methods, spec=spec_config(args),
+        draft_model=args.draft_model,
+    )  # fmt: skip

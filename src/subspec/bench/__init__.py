@@ -1,0 +1,1 @@
+"""Benchmarks: methods side by side, the Hugging Face baseline, the bandwidth bounds."""

@@ -1,0 +1,100 @@
+"""File helpers every cache shares: one safetensors header reader and one atomic write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from subspec.errors import SubspecError
+
+
+def cache_root() -> Path:
+    """Where subspec keeps models, datasets and offload files: $SUBSPEC_HOME or ~/.cache/subspec."""
+    home = os.environ.get("SUBSPEC_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "subspec"
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(header length, header dict) of a safetensors file, checked against the file's size.
+
+    The header maps tensor names to {"dtype", "shape", "data_offsets"} (offsets relative to
+    the data section, which starts at byte 8 + header length), plus "__metadata__"."""
+    try:
+        raw = _header_bytes(path)
+        header = json.loads(raw)
+        size = os.path.getsize(path)
+    except (OSError, ValueError, struct.error) as e:
+        raise SubspecError(f"corrupted or unreadable safetensors file {path}: {e}") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                   default=0)  # fmt: skip
+    if 8 + len(raw) + data_end > size:
+        raise SubspecError(f"truncated safetensors file {path}: {size} bytes, header needs more")
+    return len(raw), header
+
+
+def _header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def safetensors_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 over each safetensors file's name, size and header (tensor names, dtypes, shapes,
+    offsets): cheap, and it changes whenever the checkpoint is replaced."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        digest.update(_header_bytes(path))
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_output(path: Path, *, durable: bool = True) -> Iterator[Path]:
+    """A temporary sibling of `path` (a file or a directory) for the block to write; renamed
+    over `path` only when the block succeeds, removed when it fails, so a half-written entry
+    is never seen under `path`. `durable`: fsync the file and the directory first."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if durable and tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        replace_path(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path`, also when both are directories (the old one is removed)."""
+    if tmp.is_dir() and path.exists():  # a directory cannot be renamed over a full one
+        stale = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.stale")
+        os.replace(path, stale)
+        os.replace(tmp, path)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Models and prompt sets from package registries: the catalogue, wheels, GGUF conversion."""

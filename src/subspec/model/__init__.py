@@ -1,0 +1,1 @@
+"""The decoder: architecture config, checkpoint reading, forward pass, layers, KV cache."""

@@ -1,0 +1,14 @@
+"""Low-bit substitutes: HQQ quantization, the QuantLinear module and its kernels, the cache."""
+
+from subspec.quant.cache import load_quantized, save_quantized
+from subspec.quant.hqq import SUPPORTED_BITS, quantize_linear, quantized_nbytes
+from subspec.quant.linear import QuantLinear
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "QuantLinear",
+    "load_quantized",
+    "quantize_linear",
+    "quantized_nbytes",
+    "save_quantized",
+]

@@ -1,0 +1,224 @@
+"""Building a runtime: resolve the model, size it, plan the placement, prepare the caches
+(layer files, substitutes) and load. Config in, runtime out.
+
+One builder for every device: `device` is where compute happens (the fast tier), and the
+slow tier is disk on a CPU machine or pinned host RAM on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+from rich.progress import Progress
+
+from subspec import quant
+from subspec.config import RuntimeConfig
+from subspec.errors import SubspecError
+from subspec.files import cache_root
+from subspec.hub.models import resolve_model
+from subspec.memory import current_rss_bytes, release_free_memory
+from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
+from subspec.model.config import ModelConfig
+from subspec.model.forward import Embedding, Model
+from subspec.model.kv_cache import KVCache
+from subspec.model.layers import LayerSource, dense, widen_scratch_bytes
+from subspec.model.placed import PlacedModel
+from subspec.model.tokenizer import load_tokenizer
+from subspec.offload.planner import ModelSizes, Placement, plan
+from subspec.offload.prefetch import Prefetcher
+from subspec.offload.stores import open_store
+from subspec.offload.streamed import StreamedHead, StreamedLayers
+from subspec.progress import progress_bars
+from subspec.runtime.runtime import Runtime, Streaming
+from subspec.runtime.weights import (
+    ensure_head_files,
+    ensure_layer_files,
+    fingerprint,
+    layer_nbytes,
+    load_draft_head,
+    load_resident,
+    load_substitutes,
+    substitute_nbytes,
+)
+from subspec.spec.drafters import ModelDrafter, SharedDrafter
+
+
+def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
+    """Load cfg.model under cfg.memory_budget with the drafts for cfg.methods."""
+    model_dir = resolve_model(cfg.model, progress=progress)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
+    classic = _classic_draft(cfg, model_cfg, progress) if "classic" in cfg.methods else None
+    extra = classic.placement.resident_bytes if classic else 0
+    with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
+        loaded = Builder(cfg, ckpt, model_cfg, bars).load(extra_bytes=extra)
+    release_free_memory()
+    drafters = {}
+    if loaded.shared_drafter is not None:
+        drafters["subspec"] = loaded.shared_drafter
+    if classic is not None:
+        drafters["classic"] = ModelDrafter(classic.model)
+    return Runtime(
+        cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer,
+        eos_ids=_eos_ids(model_cfg, tokenizer), placement=loaded.placement,
+        target=loaded.model, streaming=loaded.streaming, rss_before_load=rss_before_load,
+        drafters=drafters,
+    )  # fmt: skip
+
+
+def _eos_ids(model_cfg: ModelConfig, tokenizer) -> frozenset[int]:
+    ids = set(model_cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _classic_draft(cfg: RuntimeConfig, target_cfg: ModelConfig, progress: bool) -> Loaded:
+    """Classic speculation's draft, built like a target: everything resident, embedding rows
+    read on demand (they need not take budget)."""
+    draft_cfg = replace(
+        cfg, model=cfg.draft_model, memory_budget=None, methods=("vanilla",),
+        draft_model=None, map_embeddings=True,
+    )  # fmt: skip
+    model_dir = resolve_model(draft_cfg.model, progress=progress)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    if model_cfg.vocab_size != target_cfg.vocab_size:
+        raise SubspecError(
+            f"draft model {cfg.draft_model} has vocabulary {model_cfg.vocab_size}, "
+            f"the target {target_cfg.vocab_size}: they must share a tokenizer"
+        )
+    with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
+        return Builder(draft_cfg, ckpt, model_cfg, bars).load()
+
+
+@dataclass
+class Loaded:
+    """What a Builder produced: the placed model and, where layers stream, their machinery."""
+
+    placement: Placement
+    model: PlacedModel
+    streaming: Streaming | None
+    shared_drafter: SharedDrafter | None
+
+
+class Builder:
+    """Sizes, plans and loads one checkpoint for one RuntimeConfig."""
+
+    def __init__(
+        self, cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig, bars: Progress
+    ):
+        self.cfg, self.ckpt, self.model_cfg, self.bars = cfg, ckpt, model_cfg, bars
+        self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
+        self.head_name = lm_head_name(ckpt, model_cfg)
+        self.tied = self.head_name == EMBED
+        self.subspec = "subspec" in cfg.methods
+        # layer files and substitutes of this checkpoint at this dtype
+        self.cache_dir = cache_root() / "offload" / f"{fingerprint(ckpt)}-{cfg.dtype}"
+        # the full LM head [V, H], read from the checkpoint at most once: to keep it resident,
+        # or to build its chunk files or the draft's low-bit copy when those are not cached
+        self.load_head = functools.cache(functools.partial(ckpt.get, self.head_name, self.dtype))
+
+    def sizes(self, extra_bytes: int = 0) -> ModelSizes:
+        """Bytes of every part in fast memory, for the planner."""
+        m, dt, spec = self.model_cfg, self.dtype, self.cfg.spec
+        item = dt.itemsize
+        table = m.vocab_size * m.hidden_size * item  # embeddings or LM head
+        largest = max(m.vocab_size * m.hidden_size, *(o * i for o, i in m.linear_shapes.values()))
+        sub = self.subspec
+        return ModelSizes(
+            num_layers=m.num_layers,
+            layer_bytes=layer_nbytes(m, dt),
+            substitute_bytes=substitute_nbytes(m, spec.bits, spec.group_size, dt) if sub else 0,
+            embed_bytes=0 if self.cfg.map_embeddings and not self.tied else table,
+            lm_head_bytes=0 if self.tied else table,
+            norm_bytes=m.hidden_size * item,
+            kv_bytes=KVCache.nbytes_for(
+                m.num_layers, m.num_kv_heads, m.head_dim, self.cfg.capacity, dt
+            ),
+            extra_bytes=extra_bytes,
+            draft_head_bytes=self._draft_head_bytes() if sub else 0,
+            scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
+            head_can_stream=not (sub and spec.head_bits == 16),
+        )
+
+    def _draft_head_bytes(self) -> int:
+        m, spec = self.model_cfg, self.cfg.spec
+        if spec.head_bits == 16:
+            return 0
+        return quant.quantized_nbytes(m.vocab_size, m.hidden_size, spec.head_bits,
+                                      spec.group_size, compute_dtype=self.dtype)  # fmt: skip
+
+    def load(self, extra_bytes: int = 0) -> Loaded:
+        """Plan for the budget, then load what is resident and prepare what streams."""
+        m, cfg = self.model_cfg, self.cfg
+        placement = plan(self.sizes(extra_bytes), cfg.memory_budget, cfg.n_buffers)
+        resident = load_resident(self.ckpt, m, placement.resident_layers, self.dtype, self.device)
+        streaming, streamed_head = None, None
+        if placement.streamed_layers:
+            streaming, streamed_head = self._stream(placement)
+        lm_head = self.load_head().to(self.device) if placement.lm_head_resident else None
+        final_norm = self.ckpt.get(FINAL_NORM, self.dtype).to(self.device)
+        embed = self._embedding(placement, lm_head)
+        head = dense(lm_head) if placement.lm_head_resident else streamed_head
+        model = Model(m, embed, final_norm, head, self.dtype, self.device, cfg.capacity)
+        cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, cfg.capacity, self.dtype,
+                        self.device)  # fmt: skip
+        streamed = streaming.layers if streaming else None
+        placed = PlacedModel(model, LayerSource(resident, m.num_layers, streamed), cache)
+        drafter = self._shared_drafter(placed, placement, resident) if self.subspec else None
+        return Loaded(placement, placed, streaming, drafter)
+
+    def _embedding(self, placement: Placement, lm_head: torch.Tensor | None) -> Embedding:
+        if self.tied and placement.lm_head_resident:
+            return Embedding(weight=lm_head)
+        if placement.embed_resident and not self.cfg.map_embeddings:
+            return Embedding(weight=self.ckpt.get(EMBED, self.dtype).to(self.device))
+        return Embedding(mapped=self.ckpt.rows(EMBED), dtype=self.dtype, device=self.device)
+
+    def _stream(self, placement: Placement) -> tuple[Streaming, StreamedHead | None]:
+        """Layer files (and LM head chunks when the head streams) and their prefetcher, which
+        reads them in the order a forward pass and its logits consume them."""
+        m, layers = self.model_cfg, placement.streamed_layers
+        directory = self.cache_dir / "layers"
+        manifests = ensure_layer_files(self.ckpt, m, layers, self.dtype, directory, self.bars)
+        head_units = []
+        if not placement.lm_head_resident:
+            head = ensure_head_files(
+                self.load_head, m, self.dtype, m.num_layers, directory, self.bars
+            )
+            manifests |= head
+            head_units = list(head)
+        store = open_store(self.device, directory, manifests)
+        prefetcher = Prefetcher(store, layers + head_units, self.cfg.n_buffers, self.device)
+        streamed = StreamedLayers(prefetcher, manifests)
+        streaming = Streaming(streamed, prefetcher, getattr(store, "mode", "pinned-host"))
+        return streaming, StreamedHead(streamed, head_units) if head_units else None
+
+    def _shared_drafter(self, target: PlacedModel, placement: Placement, resident):
+        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""
+        if not placement.streamed_layers:
+            return SharedDrafter(target, LayerSource(resident, self.model_cfg.num_layers))
+        spec, m = self.cfg.spec, self.model_cfg
+        path = self.cache_dir / f"substitutes-{self._quant_tag(spec.bits)}"
+        subs = load_substitutes(
+            self.ckpt, m, placement.streamed_layers, self.dtype, self.device, spec, path,
+            self.bars,
+        )  # fmt: skip
+        layers = LayerSource({**resident, **subs}, m.num_layers)
+        return SharedDrafter(target, layers, self._draft_head())
+
+    def _draft_head(self):
+        spec, m = self.cfg.spec, self.model_cfg
+        if spec.head_bits == 16:
+            return None  # share the target's head
+        path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}.safetensors"
+        shape = (m.vocab_size, m.hidden_size)
+        return load_draft_head(self.load_head, shape, self.dtype, self.device, spec, path,
+                               self.bars)  # fmt: skip
+
+    def _quant_tag(self, bits: int) -> str:
+        spec = self.cfg.spec
+        return f"b{bits}-g{spec.group_size}-{'hqq' if spec.hqq_optimize else 'rtn'}"

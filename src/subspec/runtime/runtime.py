@@ -1,0 +1,129 @@
+"""The runtime: a target placed under a budget and the drafters that serve it.
+
+It holds no per-request state (runtime/session.py does): one runtime serves request after
+request, one at a time. Built by runtime/build.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from subspec.config import RuntimeConfig, SamplingConfig
+from subspec.errors import SubspecError
+from subspec.model.config import ModelConfig
+from subspec.model.placed import PlacedModel
+from subspec.model.tokenizer import encode
+from subspec.offload.planner import Placement
+from subspec.offload.prefetch import Prefetcher
+from subspec.offload.streamed import StreamedLayers
+from subspec.runtime.stats import MemoryStats
+from subspec.spec.decoding import DecodeStats, speculative, vanilla
+from subspec.spec.drafters import Drafter
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one generation asks for."""
+
+    prompt_ids: list[int]
+    method: str
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()  # stop strings
+
+
+@dataclass
+class Streaming:
+    """The slow-tier side of a placement: the streamed layers, their prefetcher and store."""
+
+    layers: StreamedLayers
+    prefetcher: Prefetcher
+    store_mode: str  # "direct" or "buffered" disk reads, or "pinned-host"
+
+    def reset(self) -> None:
+        self.layers.bytes_used = 0
+        self.prefetcher.reset_stats()
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.prefetcher.store.close()
+
+
+@dataclass
+class Runtime:
+    """A loaded model ready to decode with `methods`."""
+
+    cfg: RuntimeConfig
+    model_cfg: ModelConfig
+    tokenizer: object  # a transformers tokenizer
+    eos_ids: frozenset[int]
+    placement: Placement
+    target: PlacedModel
+    streaming: Streaming | None  # None when everything is resident
+    rss_before_load: int
+    drafters: dict[str, Drafter] = field(default_factory=dict)  # method -> its draft
+    _closed: bool = False
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("vanilla", *self.drafters)
+
+    def check(self, prompt_len: int, max_new_tokens: int, method: str) -> None:
+        """Refuse a request that names an unloaded method or would overflow the KV cache."""
+        if method not in self.methods:
+            raise SubspecError(
+                f"method {method!r} is not loaded; available: {', '.join(self.methods)}"
+            )
+        if prompt_len < 1:
+            raise SubspecError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise SubspecError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.cfg.context:
+            raise SubspecError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the "
+                f"context of {self.cfg.context} tokens (raise --context)"
+            )
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        """Token ids of a prompt, through the model's chat template when `chat`."""
+        return encode(self.tokenizer, prompt, chat)
+
+    def reset(self) -> None:
+        """Empty every cache and zero the transfer counters, for a new request."""
+        self.target.cache.trim(0)
+        if self.streaming is not None:
+            self.streaming.reset()
+
+    def decode(self, request: Request, gen, counters: DecodeStats) -> Iterator[list[int]]:
+        """The request's method as a stream of committed tokens, a list per target pass."""
+        chunk, prompt, sampling = self.cfg.prefill_chunk, request.prompt_ids, request.sampling
+        if request.method == "vanilla":
+            return vanilla(self.target, prompt, sampling, gen, counters, chunk)
+        drafter = self.drafters[request.method]
+        return speculative(
+            self.target, drafter, prompt, sampling, self.cfg.spec, gen, counters, chunk
+        )
+
+    def memory_stats(self) -> MemoryStats:
+        p, s = self.placement, self.streaming
+        return MemoryStats(
+            bytes_streamed=s.layers.bytes_used if s else 0,
+            transfer_wait_s=round(s.prefetcher.stats.wait_s, 4) if s else 0.0,
+            memory_budget_bytes=p.budget_bytes,
+            resident_bytes=p.resident_bytes,
+            rss_before_load_bytes=self.rss_before_load,
+            placement=p.to_dict(),
+        )
+
+    def close(self) -> None:
+        """Stop the prefetcher's threads and close the slow tier's files (idempotent)."""
+        if self.streaming is not None and not self._closed:
+            self.streaming.close()
+        self._closed = True
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,59 @@
+"""One request on a runtime: its settings, its random generator, its counters and stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from subspec.memory import peak_rss_bytes, reset_peak_rss
+from subspec.runtime.runtime import Request, Runtime
+from subspec.runtime.stats import GenerationStats, SpecStats
+from subspec.spec.decoding import DecodeStats
+
+
+class Session:
+    """A request's state: validated against the runtime, which is reset for it."""
+
+    def __init__(self, runtime: Runtime, request: Request):
+        runtime.check(len(request.prompt_ids), request.max_new_tokens, request.method)
+        self.runtime, self.request = runtime, request
+        self.gen = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
+        self.counters = DecodeStats()
+        runtime.reset()
+        reset_peak_rss()
+        self.started = time.perf_counter()
+
+    def token_batches(self) -> Iterator[list[int]]:
+        """The method's committed tokens, a list per target pass (see spec/decoding.py)."""
+        return self.runtime.decode(self.request, self.gen, self.counters)
+
+    def stats(self, new_tokens: int) -> GenerationStats:
+        """The record of this generation so far, `new_tokens` emitted."""
+        c, method = self.counters, self.request.method
+        elapsed = time.perf_counter() - self.started
+        decode_s = max(elapsed - c.prefill_s, 1e-9)
+        decode_tokens = max(new_tokens - 1, 0)  # the first token comes out of prefill
+        spec = None
+        if method != "vanilla":
+            rounds = len(c.accept_lengths)
+            spec = SpecStats(
+                tau=decode_tokens / rounds if rounds else 0.0,
+                draft_s=round(c.draft_s, 4),
+                verify_s=round(c.verify_s, 4),
+                accept_lengths=list(c.accept_lengths),
+            )
+        return GenerationStats(
+            method=method,
+            prompt_tokens=len(self.request.prompt_ids),
+            new_tokens=new_tokens,
+            prefill_s=round(c.prefill_s, 4),
+            decode_s=round(decode_s, 4),
+            decode_tokens_per_s=decode_tokens / decode_s,
+            target_forwards=c.target_forwards,
+            peak_rss_bytes=peak_rss_bytes(),
+            memory=self.runtime.memory_stats(),
+            spec=spec,
+            top2_margins=[round(m, 4) for m in c.margins[:new_tokens]] if c.margins else None,
+        )

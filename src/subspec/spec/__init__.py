@@ -1,0 +1,1 @@
+"""Speculative decoding: the draft tree, drafters, verification, sampling, decoding loops."""
