@@ -1,8 +1,10 @@
-"""The hand-written CPU kernel (csrc/int4_vnni.c), compiled with the system C compiler on
-first use, cached under $SUBSPEC_HOME/kernels, and called through ctypes.
+"""The hand-written CPU kernels (csrc/*.c), compiled with the system C compiler on first use,
+cached under $SUBSPEC_HOME/kernels, and called through ctypes.
 
-Without a C compiler, on a CPU without AVX512-VNNI, or with SUBSPEC_NATIVE=0, `int4_vnni()`
-returns None and substitutes run torch's int4 kernel instead.
+- csrc/int4_vnni.c: the substitutes' int4 matmul. Without a C compiler, on a CPU without
+  AVX512-VNNI, or with SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run
+  torch's int4 kernel instead.
+- csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
 """
 
 from __future__ import annotations
@@ -24,28 +26,37 @@ from .hub import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "int4_vnni.c"
-FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp",
-         "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")  # fmt: skip
+CSRC = Path(__file__).parent / "csrc"
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
+INT4_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# Baseline x86-64 code: the AVX512_BF16 functions opt in with target attributes, so the portable
+# path runs anywhere. No FMA contraction: each product and sum is rounded as the C source says.
+EXACT_FLAGS = ("-ffp-contract=off",)
 
 
-@functools.cache
-def int4_vnni() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None when it cannot run here (see the module docstring)."""
+def _load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (no x86-64 CPU, no
+    C compiler, a failed build, SUBSPEC_NATIVE=0)."""
     if os.environ.get("SUBSPEC_NATIVE", "1") == "0":
         return None
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("no C compiler found: substitutes use torch's int4 kernel")
+        log.warning("no C compiler found: the %s kernel falls back to torch", name)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return ctypes.CDLL(str(_build(compiler, name, (*COMMON_FLAGS, *flags))))
     except (OSError, subprocess.CalledProcessError) as exc:
-        log.warning("could not build the int4 VNNI kernel (%s): using torch's int4 kernel", exc)
+        log.warning("could not build the %s kernel (%s): falling back to torch", name, exc)
         return None
-    if not lib.subspec_int4_vnni_supported():
+
+
+@functools.cache
+def int4_vnni() -> ctypes.CDLL | None:
+    """The loaded int4 kernel library, or None when it cannot run here (see the docstring)."""
+    lib = _load("int4_vnni", INT4_FLAGS)
+    if lib is None or not lib.subspec_int4_vnni_supported():
         return None
     lib.subspec_int4_vnni_matmul.restype = ctypes.c_int
     lib.subspec_int4_vnni_matmul.argtypes = (
@@ -54,12 +65,20 @@ def int4_vnni() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE into a shared library named by a hash of the source, flags and compiler;
-    written to a temporary name and renamed, so a half-built file is never loaded."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"int4_vnni-{key}.so"
+@functools.cache
+def bf16_exact() -> ctypes.CDLL | None:
+    """The loaded row-invariant kernel library (csrc/bf16_exact.c), or None; exact.py declares
+    its functions' signatures."""
+    return _load("bf16_exact", EXACT_FLAGS)
+
+
+def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
+    """Compile csrc/<name>.c into a shared library named by a hash of the source, flags and
+    compiler; written to a temporary name and renamed, so a half-built file is never loaded."""
+    source_path = CSRC / f"{name}.c"
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +86,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *flags, str(source_path), "-o", tmp, "-lm"],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         os.replace(tmp, target)
