@@ -6,17 +6,19 @@
 //   acc[16] = 0;  for each chunk c of K, in order: acc[l] += products of x[t] and W[n] in lane l
 //   y = tree_sum(acc) + b[n], rounded once to bf16 (or kept in fp32)
 // inside a single call of a register-tile kernel. Tiles of MR rows of x by NR rows of W only
-// share loads: each (t, n) keeps its own accumulator, so how T and N fall into tiles, cache
-// blocks and threads (split over N only, never over K) cannot change any result.
+// share loads: each (t, n) keeps its own accumulator, and edge tiles repeat a row rather than
+// take another code path, so how T and N fall into tiles, cache blocks and threads (split over
+// N only, never over K) cannot change any result.
 // Two arithmetic paths, each invariant on its own (they differ from each other):
 // - dpbf16 (x and W bf16, CPU with AVX512_BF16): chunks of 32 values, one vdpbf16ps each (lane
 //   l sums the products of values 2l and 2l + 1), reduced by _mm512_reduce_add_ps;
 // - portable (any x86-64): x fp32, W bf16 or fp32, chunks of 16 values, lane l += x * w rounded
 //   as written (built with -ffp-contract=off), a fixed pairwise tree at the end.
 //
-// Attention: each (query, head) is one call of the same sequential routine over the list of the
-// keys it attends to, in key order; masked keys are dropped before any arithmetic, so a tree node
-// gets exactly what the same query gets alone over those keys stored contiguously.
+// Attention: each (query, head) is one call of the same routine over the list of the keys it
+// attends to, in key order; masked keys are dropped before any arithmetic, so a tree node gets
+// exactly what the same query gets alone over those keys stored contiguously. Two routines, each
+// invariant on its own: AVX512F (D % 16 == 0) and portable C.
 //
 // OpenMP: built with -fopenmp and loaded after torch, the library shares torch's libgomp pool.
 
@@ -208,10 +210,14 @@ typedef struct {
     float *out;           // [Hq, T, D]
     int64_t hq, hkv, t, s, d;
     float scale;
-    int kv_bf16;
+    int kv_bf16, wide;  // wide: the AVX512F routine (D % 16 == 0, D <= MAX_D, CPU has it)
 } Attention;
 
-static inline __attribute__((always_inline)) float kv_at(const void *base, int64_t i, const int bf16) {
+#define MAX_D 256
+#define AVX512_TARGET __attribute__((target("avx512f")))
+
+static inline __attribute__((always_inline)) float kv_at(const void *base, int64_t i,
+                                                         const int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
@@ -245,18 +251,80 @@ static inline __attribute__((always_inline)) void attend_one(const Attention *a,
     for (int64_t e = 0; e < d; e++) out[e] /= total;
 }
 
-// Pair i = h * T + t of the [Hq, T] grid. The clones differ in instructions, not arithmetic:
-// no FMA contraction, no reassociation.
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void attend_pair(
-    const Attention *a, int64_t i, float *p) {
+// 16 values of K or V from element i on, as fp32.
+static AVX512_TARGET inline __m512 load16(const void *base, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// attend_one's steps in AVX512F, its own fixed arithmetic (fused multiply-adds, D / 16 lanes of
+// partial dot products reduced by _mm512_reduce_add_ps).
+static AVX512_TARGET inline __attribute__((always_inline)) void attend_wide(
+    const Attention *a, const float *q, const void *k, const void *v, const int32_t *keep,
+    int64_t count, float *p, float *out, const int bf16) {
+    const int64_t d = a->d, chunks = d / 16;
+    __m512 qv[MAX_D / 16], o[MAX_D / 16];
+    for (int64_t c = 0; c < chunks; c++) {
+        qv[c] = _mm512_loadu_ps(q + 16 * c);
+        o[c] = _mm512_setzero_ps();
+    }
+    for (int64_t j0 = 0; j0 < count; j0 += 4) {  // 4 keys at a time, each on its own
+        const int64_t r0 = (int64_t)keep[j0] * d;
+        const int64_t r1 = j0 + 1 < count ? (int64_t)keep[j0 + 1] * d : r0;  // edges repeat
+        const int64_t r2 = j0 + 2 < count ? (int64_t)keep[j0 + 2] * d : r0;
+        const int64_t r3 = j0 + 3 < count ? (int64_t)keep[j0 + 3] * d : r0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < chunks; c++) {
+            a0 = _mm512_fmadd_ps(qv[c], load16(k, r0 + 16 * c, bf16), a0);
+            a1 = _mm512_fmadd_ps(qv[c], load16(k, r1 + 16 * c, bf16), a1);
+            a2 = _mm512_fmadd_ps(qv[c], load16(k, r2 + 16 * c, bf16), a2);
+            a3 = _mm512_fmadd_ps(qv[c], load16(k, r3 + 16 * c, bf16), a3);
+        }
+        const float dots[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),
+                               _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
+        for (int64_t e = 0; e < 4 && j0 + e < count; e++) p[j0 + e] = dots[e] * a->scale;
+    }
+    float m = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < count; j++) m = fmaxf(m, p[j]);
+    for (int64_t j = 0; j < count; j++) {
+        p[j] = expf(p[j] - m);
+        total += p[j];
+    }
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t row = (int64_t)keep[j] * d;
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int64_t c = 0; c < chunks; c++)
+            o[c] = _mm512_fmadd_ps(pj, load16(v, row + 16 * c, bf16), o[c]);
+    }
+    for (int64_t c = 0; c < chunks; c++)
+        _mm512_storeu_ps(out + 16 * c, _mm512_div_ps(o[c], _mm512_set1_ps(total)));
+}
+
+static AVX512_TARGET void attend_avx512(const Attention *a, const float *q, const void *k,
+                                        const void *v, const int32_t *keep, int64_t count,
+                                        float *p, float *out) {
+    if (a->kv_bf16) attend_wide(a, q, k, v, keep, count, p, out, 1);
+    else attend_wide(a, q, k, v, keep, count, p, out, 0);
+}
+
+// The clones differ in instructions, not arithmetic: no FMA contraction, no reassociation.
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void attend_portable(
+    const Attention *a, const float *q, const void *k, const void *v, const int32_t *keep,
+    int64_t count, float *p, float *out) {
+    if (a->kv_bf16) attend_one(a, q, k, v, keep, count, p, out, 1);
+    else attend_one(a, q, k, v, keep, count, p, out, 0);
+}
+
+// Pair i = h * T + t of the [Hq, T] grid.
+static void attend_pair(const Attention *a, int64_t i, float *p) {
     const int64_t h = i / a->t, t = i % a->t, g = h / (a->hq / a->hkv);
     const int64_t kv = g * a->s * a->d * (a->kv_bf16 ? 2 : 4);  // byte offset of head g
     const void *k = (const char *)a->k + kv, *v = (const char *)a->v + kv;
     const float *q = a->q + i * a->d;
-    float *out = a->out + i * a->d;
     const int32_t *keep = a->keep + t * a->s;
-    if (a->kv_bf16) attend_one(a, q, k, v, keep, a->count[t], p, out, 1);
-    else attend_one(a, q, k, v, keep, a->count[t], p, out, 0);
+    if (a->wide) attend_avx512(a, q, k, v, keep, a->count[t], p, a->out + i * a->d);
+    else attend_portable(a, q, k, v, keep, a->count[t], p, a->out + i * a->d);
 }
 
 // out = softmax(q k^T * scale, over the keys mask allows) v, grouped-query (Hq % Hkv == 0).
@@ -279,7 +347,9 @@ int subspec_exact_attention(const float *q, const void *k, const void *v, const 
             if (!mask || mask[i * s + j]) keep[i * s + c++] = (int32_t)j;
         count[i] = c;
     }
-    const Attention job = {q, k, v, keep, count, out, hq, hkv, t, s, d, scale, kv_bf16};
+    __builtin_cpu_init();
+    const int wide = d % 16 == 0 && d <= MAX_D && __builtin_cpu_supports("avx512f");
+    const Attention job = {q, k, v, keep, count, out, hq, hkv, t, s, d, scale, kv_bf16, wide};
     const int64_t pairs = hq * t;
     if (pairs * s * d < (1 << 16)) threads = 1;  // too small to share
     int failed = 0;
