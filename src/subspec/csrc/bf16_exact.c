@@ -258,8 +258,42 @@ static AVX512_TARGET inline __m512 load16(const void *base, int64_t i, const int
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// attend_one's steps in AVX512F, its own fixed arithmetic (fused multiply-adds, D / 16 lanes of
-// partial dot products reduced by _mm512_reduce_add_ps).
+// e^x for x <= 0 (Cephes' single-precision polynomial, about 1 ulp), 0 below -87.3.
+static AVX512_TARGET inline __m512 exp16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), 0);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(y, n));
+}
+
+// p[j] = e^(p[j] - max p) for count scores; returns their sum, taken in 16 lanes (j % 16) and
+// reduced by _mm512_reduce_add_ps: an order fixed by count.
+static AVX512_TARGET inline float softmax_numerators(float *p, int64_t count) {
+    __m512 mv = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 live = count - j >= 16 ? 0xffff : (__mmask16)((1u << (count - j)) - 1);
+        mv = _mm512_mask_max_ps(mv, live, mv, _mm512_maskz_loadu_ps(live, p + j));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 live = count - j >= 16 ? 0xffff : (__mmask16)((1u << (count - j)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), m));
+        _mm512_mask_storeu_ps(p + j, live, e);
+        sum = _mm512_mask_add_ps(sum, live, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+// attend_one's steps in AVX512F, with arithmetic of its own: fused multiply-adds, D / 16 lanes
+// of partial dot products reduced by _mm512_reduce_add_ps, exp16, softmax_numerators' sum.
 static AVX512_TARGET inline __attribute__((always_inline)) void attend_wide(
     const Attention *a, const float *q, const void *k, const void *v, const int32_t *keep,
     int64_t count, float *p, float *out, const int bf16) {
@@ -285,12 +319,7 @@ static AVX512_TARGET inline __attribute__((always_inline)) void attend_wide(
                                _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
         for (int64_t e = 0; e < 4 && j0 + e < count; e++) p[j0 + e] = dots[e] * a->scale;
     }
-    float m = -INFINITY, total = 0.0f;
-    for (int64_t j = 0; j < count; j++) m = fmaxf(m, p[j]);
-    for (int64_t j = 0; j < count; j++) {
-        p[j] = expf(p[j] - m);
-        total += p[j];
-    }
+    const float total = softmax_numerators(p, count);
     for (int64_t j = 0; j < count; j++) {
         const int64_t row = (int64_t)keep[j] * d;
         const __m512 pj = _mm512_set1_ps(p[j]);
