@@ -11,7 +11,7 @@ import subspec.quant.cache as QC
 import subspec.quant.linear as QL
 from subspec import quant as Q
 from subspec.files import safetensors_fingerprint
-from subspec.quant import native
+from subspec.kernels import native
 
 needs_vnni = pytest.mark.skipif(
     native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"

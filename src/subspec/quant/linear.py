@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from subspec.quant import native
+from subspec.kernels import native
 
 log = logging.getLogger(__name__)
 

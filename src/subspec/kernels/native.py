@@ -1,0 +1,107 @@
+"""The hand-written CPU kernels (csrc/*.c), compiled with the system C compiler on first use,
+cached under $SUBSPEC_HOME/kernels, and called through ctypes.
+
+- csrc/int4_vnni.c: the substitutes' int4 matmul. Without a C compiler, on a CPU without
+  AVX512-VNNI, or with SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run
+  torch's int4 kernel instead.
+- csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from subspec.files import atomic_output, cache_root
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
+INT4_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# Baseline x86-64 code: the AVX512_BF16 functions opt in with target attributes, so the portable
+# path runs anywhere. No FMA contraction: each product and sum is rounded as the C source says.
+EXACT_FLAGS = ("-ffp-contract=off",)
+
+
+def _load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (no x86-64 CPU, no
+    C compiler, a failed build, SUBSPEC_NATIVE=0)."""
+    if os.environ.get("SUBSPEC_NATIVE", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler found: the %s kernel falls back to torch", name)
+        return None
+    try:
+        return ctypes.CDLL(str(_build(compiler, name, (*COMMON_FLAGS, *flags))))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.warning("could not build the %s kernel (%s): falling back to torch", name, exc)
+        return None
+
+
+@functools.cache
+def int4_vnni() -> ctypes.CDLL | None:
+    """The loaded int4 kernel library, or None when it cannot run here (see the docstring)."""
+    lib = _load("int4_vnni", INT4_FLAGS)
+    if lib is None or not lib.subspec_int4_vnni_supported():
+        return None
+    lib.subspec_int4_vnni_matmul.restype = ctypes.c_int
+    lib.subspec_int4_vnni_matmul.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    )
+    return lib
+
+
+@functools.cache
+def bf16_exact() -> ctypes.CDLL | None:
+    """The loaded row-invariant kernel library (csrc/bf16_exact.c), or None; exact.py declares
+    its functions' signatures."""
+    return _load("bf16_exact", EXACT_FLAGS)
+
+
+def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
+    """Compile csrc/<name>.c into a shared library named by a hash of the source, flags and
+    compiler; written to a temporary name and renamed, so a half-built file is never loaded."""
+    source_path = CSRC / f"{name}.c"
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(target, durable=False) as tmp:
+        subprocess.run(
+            [compiler, *flags, str(source_path), "-o", str(tmp), "-lm"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    return target
+
+
+def int4_vnni_matmul(
+    x: torch.Tensor, qdata: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [M, K] float32 @ W.T -> [M, N] float32, W packed as csrc/int4_vnni.c describes:
+    qdata [N, K / 2] uint8, scales_and_zeros [K / group_size, N, 2] bf16."""
+    lib = int4_vnni()
+    m, k = x.shape
+    n = qdata.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)  # [M, N]
+    rc = lib.subspec_int4_vnni_matmul(
+        x.data_ptr(), qdata.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
+        m, n, k, group_size, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"int4 VNNI kernel failed ({rc}) for x {tuple(x.shape)}, W [{n}, {k}]")
+    return y
