@@ -113,11 +113,12 @@ def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
 
 
 def make_runtime(model_dir, methods=("vanilla",), budget=None, dtype="float32", spec=None,
-                 draft=None, context=256):  # fmt: skip
+                 draft=None, context=256, numerics=None):  # fmt: skip
     """A runtime over a local model directory, quietly."""
     cfg = RuntimeConfig(
         model=str(model_dir), dtype=dtype, memory_budget=budget, context=context,
         methods=methods, spec=spec or SpecConfig(), draft_model=draft and str(draft),
+        numerics=numerics,
     )  # fmt: skip
     return build_runtime(cfg, progress=False)
 

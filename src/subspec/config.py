@@ -15,6 +15,7 @@ from subspec.errors import SubspecError
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("vanilla", "subspec", "classic")  # decoding methods of the runtime
 DEFAULT_MODEL = "smollm2-135m-instruct"
+NUMERICS = ("exact", "fast")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class RuntimeConfig:
     prefill_chunk: int = 512
     n_buffers: int = 2
     map_embeddings: bool = False  # read embedding rows from the checkpoint even when all fits
+    # "exact": the target's linears and attention give each row the same bits whatever the
+    # batch (a tree, a prefill chunk or one token), so bf16 speculation equals vanilla; "fast":
+    # torch's kernels. None: exact on CPU, fast on CUDA (the exact kernels are CPU code).
+    numerics: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -123,12 +128,21 @@ class RuntimeConfig:
             raise SubspecError("method classic needs --draft-model")
         if self.context < 16:
             raise SubspecError(f"context must be >= 16 tokens, got {self.context}")
+        if self.numerics not in (None, *NUMERICS):
+            raise SubspecError(
+                f"numerics must be one of {', '.join(NUMERICS)}, got {self.numerics!r}"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SubspecError(f"device {self.device} requested but CUDA is not available")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def exact(self) -> bool:
+        """Whether the target runs the row-invariant kernels (see `numerics`)."""
+        return (self.numerics or ("fast" if self.device.startswith("cuda") else "exact")) == "exact"
 
     @property
     def capacity(self) -> int:

@@ -8,6 +8,7 @@ from subspec.config import (
     DEFAULT_MODEL,
     DTYPES,
     METHODS,
+    NUMERICS,
     RuntimeConfig,
     SamplingConfig,
     SpecConfig,
@@ -22,6 +23,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--memory-budget", default=None, help="fast-memory budget, e.g. 1.2GB, 900MiB")
     g.add_argument("--context", type=int, default=4096, help="max prompt + output tokens")
+    g.add_argument("--numerics", default=None, choices=NUMERICS,
+                   help="exact: bf16 output identical for every method (default on CPU); "
+                   "fast: torch's kernels (default on CUDA)")  # fmt: skip
     g.add_argument("--verbose", action="store_true", help="print the placement summary")
     s = p.add_argument_group("speculation")
     s.add_argument("--method", default=None, choices=METHODS,
@@ -68,5 +72,5 @@ def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
     return RuntimeConfig(
         model=args.model, dtype=args.dtype, device=args.device, memory_budget=budget,
         context=args.context, methods=methods, spec=spec_config(args),
-        draft_model=args.draft_model,
+        draft_model=args.draft_model, numerics=args.numerics,
     )  # fmt: skip

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from subspec.kernels.exact import exact_attention
 from subspec.model.config import ModelConfig
 from subspec.model.kv_cache import KVCache
 from subspec.model.layers import LayerSource, LayerWeights, Linear
@@ -60,8 +61,14 @@ class Embedding:
 class Model:
     """Embedding, final norm and LM head of a decoder; the layers come from a LayerSource."""
 
-    def __init__(self, cfg, embed, final_norm, lm_head: Linear, dtype, device, max_positions):
+    def __init__(
+        self, cfg, embed, final_norm, lm_head: Linear, dtype, device, max_positions,
+        exact: bool = False,
+    ):  # fmt: skip
+        """`exact`: tree-invariant attention (kernels/exact.py); the linears' numerics are
+        their own (layers.dense)."""
         self.cfg = cfg
+        self.attention = exact_attention if exact else attention
         self.embed = embed
         self.final_norm = final_norm  # [H]
         self.lm_head = lm_head
@@ -102,7 +109,7 @@ class Model:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [Hq|Hkv, T, D]
         cache.write(i, slots, k, v)
         keys, values = cache.view(i, kv_len)  # [Hkv, kv_len, D]
-        attn = attention(q, keys, values, attn_mask)  # [Hq, T, D]
+        attn = self.attention(q, keys, values, attn_mask)  # [Hq, T, D]
         x = x + w.o(attn.transpose(0, 1).reshape(t, hq * d))
         gate, up = w.gate_up(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)).chunk(2, dim=-1)
         return x + w.down(F.silu(gate) * up)

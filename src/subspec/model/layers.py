@@ -14,11 +14,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from subspec.kernels.exact import exact_linear
+
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-    """A linear map over a full-precision weight [out, in]."""
+def dense(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, *, exact: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Linear:  # fmt: skip
+    """A linear map over a full-precision weight [out, in].
+
+    `exact`: through the row-invariant kernel (kernels/exact.py), so each row's output is the
+    same bits whatever the number of rows in the call; `out_dtype` (exact only): the output's
+    dtype, e.g. fp32 logits straight from the fp32 accumulators."""
+    if exact:
+        return lambda x: exact_linear(x, weight, bias, out_dtype)
     if not widens(weight.dtype, weight.device):
         return lambda x: F.linear(x, weight, bias)
 
@@ -98,15 +109,15 @@ class LayerWeights:
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
 
 
-def dense_layer(t: dict[str, torch.Tensor]) -> LayerWeights:
-    """LayerWeights over full-precision tensors in the fused layout."""
+def dense_layer(t: dict[str, torch.Tensor], exact: bool = False) -> LayerWeights:
+    """LayerWeights over full-precision tensors in the fused layout (`exact`: see dense)."""
     return LayerWeights(
         attn_norm=t["attn_norm"],
         mlp_norm=t["mlp_norm"],
-        qkv=dense(t["qkv.weight"], t.get("qkv.bias")),
-        o=dense(t["o.weight"]),
-        gate_up=dense(t["gate_up.weight"]),
-        down=dense(t["down.weight"]),
+        qkv=dense(t["qkv.weight"], t.get("qkv.bias"), exact=exact),
+        o=dense(t["o.weight"], exact=exact),
+        gate_up=dense(t["gate_up.weight"], exact=exact),
+        down=dense(t["down.weight"], exact=exact),
         q_norm=t.get("q_norm"),
         k_norm=t.get("k_norm"),
     )

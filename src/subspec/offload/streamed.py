@@ -14,8 +14,9 @@ from subspec.offload.prefetch import Prefetcher
 class StreamedLayers:
     """Target layers that live in the slow tier: each use waits for its bytes in a buffer."""
 
-    def __init__(self, prefetcher: Prefetcher, manifests: dict):
+    def __init__(self, prefetcher: Prefetcher, manifests: dict, exact: bool = False):
         self.prefetcher, self.manifests = prefetcher, manifests
+        self.exact = exact  # row-invariant linears (see layers.dense)
         self.bytes_used = 0  # bytes of layers consumed by forward passes
 
     @contextmanager
@@ -31,19 +32,22 @@ class StreamedLayers:
     @contextmanager
     def layer(self, i: int):
         with self.tensors(i) as t:
-            yield dense_layer(t)
+            yield dense_layer(t, self.exact)
 
 
 class StreamedHead:
-    """The target's LM head in the slow tier, read chunk by chunk on every call."""
+    """The target's LM head in the slow tier, read chunk by chunk on every call; with exact
+    numerics the logits come out of the fp32 accumulators."""
 
     def __init__(self, streamer: StreamedLayers, units: list[int]):
         self.streamer, self.units = streamer, units
+        self.out_dtype = torch.float32 if streamer.exact else None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, H] -> logits [T, V], the vocabulary in the chunks' order."""
         parts = []
         for unit in self.units:
             with self.streamer.tensors(unit) as t:
-                parts.append(dense(t["weight"])(h))  # [T, rows]
+                linear = dense(t["weight"], exact=self.streamer.exact, out_dtype=self.out_dtype)
+                parts.append(linear(h))  # [T, rows]
         return torch.cat(parts, dim=-1)

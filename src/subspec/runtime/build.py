@@ -155,15 +155,19 @@ class Builder:
         """Plan for the budget, then load what is resident and prepare what streams."""
         m, cfg = self.model_cfg, self.cfg
         placement = plan(self.sizes(extra_bytes), cfg.memory_budget, cfg.n_buffers)
-        resident = load_resident(self.ckpt, m, placement.resident_layers, self.dtype, self.device)
+        resident = load_resident(
+            self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
+        )
         streaming, streamed_head = None, None
         if placement.streamed_layers:
             streaming, streamed_head = self._stream(placement)
         lm_head = self.load_head().to(self.device) if placement.lm_head_resident else None
         final_norm = self.ckpt.get(FINAL_NORM, self.dtype).to(self.device)
         embed = self._embedding(placement, lm_head)
-        head = dense(lm_head) if placement.lm_head_resident else streamed_head
-        model = Model(m, embed, final_norm, head, self.dtype, self.device, cfg.capacity)
+        head = streamed_head
+        if placement.lm_head_resident:  # exact: logits straight from the fp32 accumulators
+            head = dense(lm_head, exact=cfg.exact, out_dtype=torch.float32 if cfg.exact else None)
+        model = Model(m, embed, final_norm, head, self.dtype, self.device, cfg.capacity, cfg.exact)
         cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, cfg.capacity, self.dtype,
                         self.device)  # fmt: skip
         streamed = streaming.layers if streaming else None
@@ -193,7 +197,7 @@ class Builder:
             head_units = list(head)
         store = open_store(self.device, directory, manifests)
         prefetcher = Prefetcher(store, layers + head_units, self.cfg.n_buffers, self.device)
-        streamed = StreamedLayers(prefetcher, manifests)
+        streamed = StreamedLayers(prefetcher, manifests, self.cfg.exact)
         streaming = Streaming(streamed, prefetcher, getattr(store, "mode", "pinned-host"))
         return streaming, StreamedHead(streamed, head_units) if head_units else None
 

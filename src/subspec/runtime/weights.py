@@ -48,10 +48,12 @@ def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> in
     return linears + extras * item
 
 
-def load_resident(ckpt, cfg, layers, dtype, device) -> dict[int, LayerWeights]:
-    """Full-precision layers held in fast memory."""
+def load_resident(ckpt, cfg, layers, dtype, device, exact=False) -> dict[int, LayerWeights]:
+    """Full-precision layers held in fast memory (`exact`: row-invariant linears)."""
     return {
-        i: dense_layer({k: v.to(device) for k, v in layer_tensors(ckpt, cfg, i, dtype).items()})
+        i: dense_layer(
+            {k: v.to(device) for k, v in layer_tensors(ckpt, cfg, i, dtype).items()}, exact
+        )
         for i in layers
     }
 
