@@ -91,13 +91,17 @@ def cmd_generate(args) -> None:
 
 def cmd_models(args) -> None:
     import subspec.hub.models as hub
+    from subspec.hub import dummy
 
     if args.models_command == "pull":
         print(hub.pull(args.name))
         return
     for m in hub.list_models():
         state = "ready" if m["ready"] else "not pulled"
-        print(f"{m['name']:32} {state:11} {m['arch'].split(',')[0]}")
+        print(f"{m['name']:34} {state:11} {m['arch'].split(',')[0]}")
+    for name, entry in dummy.catalog().items():  # random weights, built on first use
+        state = "built" if dummy.is_built(dummy.dummy_dir(name)) else "not built"
+        print(f"{dummy.PREFIX + name:34} {state:11} {entry['config']['model_type']} (random)")
 
 
 def cmd_chat(args) -> None:

@@ -380,9 +380,14 @@ def _install(name: str, out: Path, tmp: Path) -> None:
 def resolve_model(spec: str, *, progress: bool = True) -> Path:
     """Turn a model spec into a local HF-style directory.
 
-    `spec` is an existing directory (validated), a catalogue name (pulled if needed), or a hub
-    id like `org/name` (fetched with huggingface_hub). Anything else raises SubspecError.
+    `spec` is an existing directory (validated), a catalogue name (pulled if needed), a hub
+    id like `org/name` (fetched with huggingface_hub), or `dummy:NAME` (a random-weight model
+    of a named architecture, built once; see dummy.py). Anything else raises SubspecError.
     """
+    from subspec.hub import dummy  # it builds on this module
+
+    if dummy.is_dummy(spec):
+        return dummy.ensure_dummy(spec, progress=progress)
     path = Path(spec).expanduser()
     if path.is_dir():
         return validate_model_dir(path)
