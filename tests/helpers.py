@@ -161,7 +161,7 @@ class FakeRuntime:
 
     def __init__(self, reply=REPLY, context=64, tokenizer=None, delay=0.0):
         self.tokenizer = tokenizer or tiny_tokenizer()
-        self.cfg = SimpleNamespace(model="tiny-fake", context=context)
+        self.cfg = SimpleNamespace(model="tiny-fake", context=context, spec=SpecConfig())
         self.methods = ("vanilla",)
         self.placement = SimpleNamespace(summary=lambda: "placement: fake", streams=False)
         self.eos_ids = {self.tokenizer.eos_token_id}

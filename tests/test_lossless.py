@@ -2,6 +2,7 @@
 divergences sit at near-ties, and sampling matches vanilla's distribution."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import make_runtime, write_tiny_llama
 
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.errors import SubspecError
+from subspec.offload.stores import DiskStore
 
 PROMPTS = ["hello world", "this is a test", "the tiny tokenizer is a test of the world"]
 SPEC = SpecConfig(depth=5, width=3, draft_temperature=0.5)
@@ -45,6 +47,18 @@ def reference(tiny_model_dir):
 @pytest.fixture(scope="module")
 def full_bytes(tiny_model_dir):
     return make_engine(tiny_model_dir, ("vanilla",)).placement.resident_bytes
+
+
+@pytest.fixture
+def slow_disk(monkeypatch):
+    """Layer reads take 10 ms more: verification passes wait, so drafting ahead runs."""
+    real = DiskStore.read_into
+
+    def read_into(self, unit, dst, stream=None):
+        time.sleep(0.01)
+        real(self, unit, dst, stream)
+
+    monkeypatch.setattr(DiskStore, "read_into", read_into)
 
 
 @pytest.mark.parametrize("share", [None, 0.8, 0.0])
@@ -134,16 +148,16 @@ def _chi2_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2))
 
 
-def test_sampling_matches_vanilla_distribution(tiny_model_dir, full_bytes):
+def test_sampling_matches_vanilla_distribution(tiny_model_dir, full_bytes, slow_disk):
     """Tokens 2 and 3 (drawn inside speculative rounds) over 300 seeds per method, at
-    temperature 1 with top-k 6, against vanilla's. p < 1e-3 fails: a false-failure rate of
+    temperature 1 with top-k 6, against vanilla's, drafting ahead during the reads. p < 1e-3 fails: a false-failure rate of
     0.1% per position, and the seeds are fixed, so the outcome is deterministic."""
     sampling = dict(temperature=1.0, top_k=6)
     vanilla = make_engine(tiny_model_dir, ("vanilla",))
     budget = max(int(0.6 * full_bytes), minimum_budget(tiny_model_dir, ("subspec",)))
     spec = make_engine(tiny_model_dir, ("subspec",), budget,
                        spec=SpecConfig(depth=3, width=2, draft_temperature=1.0))  # fmt: skip
-    assert spec.placement.streams
+    assert spec.placement.streams and spec.cfg.spec.overlap
     vocab = vanilla.model_cfg.vocab_size
     counts = {m: torch.zeros(2, vocab) for m in ("vanilla", "subspec")}
     for method, engine in (("vanilla", vanilla), ("subspec", spec)):
@@ -156,3 +170,33 @@ def test_sampling_matches_vanilla_distribution(tiny_model_dir, full_bytes):
     for pos in (0, 1):
         p = _chi2_pvalue(counts["vanilla"][pos], counts["subspec"][pos])
         assert p > 1e-3, f"position {pos + 2}: p = {p:.2e}"
+
+
+@pytest.mark.parametrize("method", ["subspec", "classic"])
+def test_overlap_drafts_ahead_and_changes_nothing(
+    tiny_model_dir, tiny_draft_dir, reference, full_bytes, slow_disk, method
+):
+    """The next tree is drafted during the verification pass's waits; the output is vanilla's
+    whether or not the guess comes true, with overlap on or off."""
+    if method == "classic":
+        budget = 2 * full_bytes - 50_000
+    else:
+        budget = max(int(0.5 * full_bytes), minimum_budget(tiny_model_dir, (method,)))
+    for overlap in (True, False):
+        spec = SpecConfig(depth=5, width=3, draft_temperature=0.5, overlap=overlap)
+        engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_draft_dir)
+        for prompt, want in zip(PROMPTS, reference, strict=True):
+            tokens, stats = generate(engine, method, prompt)
+            assert tokens == want
+            assert (stats.spec.overlap_s > 0) == overlap
+
+
+def test_identical_draft_drafted_ahead_is_used(tiny_model_dir, full_bytes, slow_disk):
+    """With the target as its own draft every guess comes true: every round after the first
+    starts from a tree drafted during the previous pass."""
+    spec = SpecConfig(depth=4, width=1, bits=16, head_bits=16)
+    engine = make_engine(tiny_model_dir, ("classic",), 2 * full_bytes - 50_000, spec=spec,
+                         draft=tiny_model_dir)  # fmt: skip
+    tokens, stats = generate(engine, "classic", PROMPTS[0], max_new=1 + 5 * 4)
+    assert stats.spec.accept_lengths == [4] * 4
+    assert stats.spec.lookahead_hits == 3

@@ -55,6 +55,7 @@ class SpecConfig:
     hqq_optimize: bool = (
         True  # HQQ's half-quadratic solver; False = plain min-max rounding, ~20x faster
     )
+    overlap: bool = True  # draft the next tree while the verification pass waits for weights
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.width < 1:
@@ -71,6 +72,12 @@ class SpecConfig:
     @property
     def tree_size(self) -> int:
         return 1 + self.depth * self.width
+
+    @property
+    def cache_slots(self) -> int:
+        """KV slots a round needs after the committed prefix: its tree, and with overlap a
+        copy of the leaf and the next tree drafted ahead (spec/lookahead.py)."""
+        return 2 * self.tree_size + 1 if self.overlap else self.tree_size
 
 
 _SIZE_UNITS = {
@@ -146,8 +153,8 @@ class RuntimeConfig:
 
     @property
     def capacity(self) -> int:
-        """KV cache slots: the context plus one tree's worth of speculative slots."""
-        return self.context + self.spec.tree_size
+        """KV cache slots: the context plus a round's speculative slots."""
+        return self.context + self.spec.cache_slots
 
 
 def methods_to_load(method: str | None) -> tuple[str, ...]:

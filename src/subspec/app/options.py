@@ -40,6 +40,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="bit width of the draft's LM head (16 = share the target's)")  # fmt: skip
     s.add_argument("--no-hqq-optimize", action="store_true",
                    help="min-max rounding instead of HQQ's solver (~20x faster)")  # fmt: skip
+    s.add_argument("--no-overlap", action="store_true",
+                   help="no drafting while a verification pass waits for weights")  # fmt: skip
     s.add_argument("--draft-model", default=None, help="draft model for --method classic")
 
 
@@ -58,6 +60,7 @@ def spec_config(args) -> SpecConfig:
         depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
         verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
+        overlap=not args.no_overlap,
     )  # fmt: skip
 
 

@@ -60,6 +60,16 @@ class KVCache:
             self.v[:, :, dst] = self.v.index_select(2, src_slots)
         self.advance(n)
 
+    def move(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        """Copy uncommitted slots `src_slots` ([n], increasing) to dst_start.. (>= length) in
+        every layer, without committing them: draft KV that moves with its tree."""
+        n = src_slots.numel()
+        if dst_start < self._length or dst_start + n > self.capacity:
+            raise ValueError(f"cannot move {n} slots to {dst_start} (length {self._length})")
+        dst = slice(dst_start, dst_start + n)
+        self.k[:, :, dst] = self.k.index_select(2, src_slots)
+        self.v[:, :, dst] = self.v.index_select(2, src_slots)
+
     def trim(self, length: int) -> None:
         """Forget everything from slot `length` on (0: an empty cache for a new request)."""
         self._length = min(self._length, max(length, 0))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ class PrefetchStats:
     reads: int = 0
     read_s: float = 0.0  # time reader threads spent in store.read_into (issue time on CUDA)
     wait_s: float = 0.0  # time acquire() blocked waiting for a unit
+    idle_s: float = 0.0  # time acquire() spent in its caller's other work while waiting
     skipped: int = 0  # positions jumped over by out-of-order acquires
 
 
@@ -113,14 +115,23 @@ class Prefetcher:
 
     # ---- consumer side -------------------------------------------------------------------
 
-    def acquire(self, unit: int) -> torch.Tensor:
-        """Block until ``unit``'s bytes are in a buffer; return it (uint8 [nbytes(unit)])."""
+    def acquire(self, unit: int, idle: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Block until ``unit``'s bytes are in a buffer; return it (uint8 [nbytes(unit)]).
+
+        ``idle``: other work to do while the bytes are not there yet, one short unit per call
+        (it returns False once there is none left); its time counts as ``stats.idle_s``."""
         with self._cond:
             pos = self._target_position(unit)
             self.stats.skipped += pos - self._next_acquire
             self._next_acquire = pos  # earlier positions are skipped
             self._cond.notify_all()
-            slot = pos % self.n_buffers
+        slot = pos % self.n_buffers
+        if idle is not None:
+            start = time.perf_counter()
+            while not self._arrived(slot, pos) and idle():
+                pass
+            self.stats.idle_s += time.perf_counter() - start
+        with self._cond:
             start = time.perf_counter()
             self._cond.wait_for(lambda: self._ready[slot] == pos or self._failed())
             self.stats.wait_s += time.perf_counter() - start
@@ -131,6 +142,10 @@ class Prefetcher:
         if self._cuda:
             self._cuda.before_use(slot)
         return self._buffers[slot][: self.store.nbytes(unit)]
+
+    def _arrived(self, slot: int, pos: int) -> bool:
+        with self._cond:
+            return self._ready[slot] == pos or self._failed()
 
     def _target_position(self, unit: int) -> int:
         if self._closed:

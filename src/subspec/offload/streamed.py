@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -18,11 +19,22 @@ class StreamedLayers:
         self.prefetcher, self.manifests = prefetcher, manifests
         self.exact = exact  # row-invariant linears (see layers.dense)
         self.bytes_used = 0  # bytes of layers consumed by forward passes
+        self._idle: Callable[[], bool] | None = None
+
+    @contextmanager
+    def while_waiting(self, work: Callable[[], bool]):
+        """Inside the block, every wait for a unit's bytes runs `work()` first, one short unit
+        per call, until the bytes arrive or it returns False (nothing left to do)."""
+        self._idle = work
+        try:
+            yield
+        finally:
+            self._idle = None
 
     @contextmanager
     def tensors(self, unit: int):
         """The tensors of one unit (a layer or an LM head chunk), valid inside the block."""
-        buf = self.prefetcher.acquire(unit)
+        buf = self.prefetcher.acquire(unit, self._idle)
         try:
             self.bytes_used += self.manifests[unit].total_bytes
             yield tensors_from_buffer(buf, self.manifests[unit])

@@ -38,11 +38,18 @@ class Session:
         spec = None
         if method != "vanilla":
             rounds = len(c.accept_lengths)
+            shape = self.runtime.cfg.spec
             spec = SpecStats(
                 tau=decode_tokens / rounds if rounds else 0.0,
                 draft_s=round(c.draft_s, 4),
                 verify_s=round(c.verify_s, 4),
+                overlap_s=round(c.overlap_s, 4),
+                draft_steps=c.draft_steps + c.lookahead_steps,
+                lookahead_hits=c.lookahead_hits,
+                depth=shape.depth,
+                width=shape.width,
                 accept_lengths=list(c.accept_lengths),
+                round_s=[round(r, 4) for r in c.round_s],
             )
         return GenerationStats(
             method=method,

@@ -22,9 +22,15 @@ class SpecStats:
     """Speculative decoding's figures (absent for vanilla)."""
 
     tau: float  # tokens emitted per target forward in the decode phase, bonus included
-    draft_s: float
-    verify_s: float
+    draft_s: float  # drafting that held up rounds
+    verify_s: float  # verification passes, without the drafting done in their waits
+    overlap_s: float  # drafting done while verification passes waited for weights
+    draft_steps: int  # draft forwards in all (in the open and drafted ahead)
+    lookahead_hits: int  # rounds whose tree had been drafted ahead
+    depth: int  # tree shape
+    width: int
     accept_lengths: list[int]  # accepted draft tokens per round
+    round_s: list[float]  # wall time of each round
 
 
 @dataclass(frozen=True)

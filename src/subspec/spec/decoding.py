@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,9 @@ import torch
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.model.forward import causal_mask
 from subspec.model.placed import PlacedModel
+from subspec.spec.lookahead import Lookahead
 from subspec.spec.sampling import choose
-from subspec.spec.tree import build_tree
+from subspec.spec.tree import TreeBuilder
 from subspec.spec.verify import walk
 
 
@@ -27,10 +29,23 @@ class DecodeStats:
 
     target_forwards: int = 0  # decode phase only
     prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
+    draft_s: float = 0.0  # drafting that held up a round (not hidden behind transfers)
+    verify_s: float = 0.0  # the verification pass, without the drafting done in its waits
+    overlap_s: float = 0.0  # drafting done while the verification pass waited for weights
+    draft_steps: int = 0  # draft levels run in the open (not drafted ahead)
+    lookahead_steps: int = 0  # draft calls run ahead, inside the verification pass
+    lookahead_hits: int = 0  # rounds whose tree was drafted ahead
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+    round_s: list[float] = field(default_factory=list)  # wall time of each round
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
+
+    def add_round(self, draft_s: float, verify_s: float, overlap_s: float, accepted: int):
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.overlap_s += overlap_s
+        self.target_forwards += 1
+        self.accept_lengths.append(accepted)
+        self.round_s.append(draft_s + verify_s + overlap_s)
 
 
 def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
@@ -76,33 +91,51 @@ def speculative(
     target: PlacedModel, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
     gen, stats: DecodeStats, chunk: int,
 ) -> Iterator[list[int]]:  # fmt: skip
-    """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token."""
+    """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token.
+
+    With spec.overlap and streamed target layers, the next tree is drafted during the pass's
+    waits for weights (lookahead.py) and used when its guess comes true."""
     t0 = time.perf_counter()
     pending = choose(prefill(target, prompt, chunk), sampling, gen)
     drafter.prefill(prompt, chunk)
     stats.prefill_s = time.perf_counter() - t0
-    cache, device = target.cache, target.device
+    cache, device, streamed = target.cache, target.device, target.layers.streamer
     yield [pending]
+    builder = None  # the next tree, when drafted ahead
     while True:
         start = cache.length
         t0 = time.perf_counter()
-        tree = build_tree(
-            pending, start, spec.depth, spec.width, spec.draft_temperature, drafter.step, device
-        )
-        tree = tree.prune(spec.verify_nodes) if spec.verify_nodes else tree
+        if builder is None:
+            builder = TreeBuilder(pending, spec.depth, spec.width, spec.draft_temperature,
+                                  drafter.step, device, base=start)  # fmt: skip
+        else:
+            stats.lookahead_hits += 1
+        stats.draft_steps += builder.depth - builder.level
+        while not builder.done:
+            builder.step()
+        drafted = builder.tree()
+        tree = drafted.prune(spec.verify_nodes) if spec.verify_nodes else drafted
         t1 = time.perf_counter()
-        hidden = target.forward(
-            tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
-            start + tree.size,
-        )  # fmt: skip
-        path, bonus = walk(tree, target.logits(hidden), sampling, gen)
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        stats.target_forwards += 1
-        stats.accept_lengths.append(len(path))
+        ahead = None
+        if spec.overlap and streamed is not None:
+            ahead = Lookahead(drafted, start, spec, drafter.step, device)
+        with streamed.while_waiting(ahead.work) if ahead else nullcontext():
+            hidden = target.forward(
+                tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
+                start + tree.size,
+            )  # fmt: skip
+            logits = target.logits(hidden)
+        path, bonus = walk(tree, logits, sampling, gen)
+        t2 = time.perf_counter()
+        overlap_s = ahead.work_s if ahead else 0.0
+        stats.add_round(t1 - t0, t2 - t1 - overlap_s, overlap_s, len(path))
         path_t = torch.tensor(path, dtype=torch.long, device=device)
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(path_t + start)
-        drafter.commit(tree.origin[torch.cat([path_t.new_zeros(1), path_t])] + start)
+        drafted_path = tree.origin[path_t]
+        drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
+        builder = ahead.take(drafted_path.tolist(), bonus, drafter) if ahead else None
+        if ahead:
+            stats.lookahead_steps += ahead.steps
         pending = bonus
         yield tree.tokens[path].tolist() + [bonus]

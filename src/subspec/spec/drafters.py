@@ -26,6 +26,9 @@ class Drafter(Protocol):
         """The round's root and the accepted nodes, drafted at `src_slots` ([n], increasing,
         after the committed prefix), are now committed."""
 
+    def relocate(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        """Draft KV of a tree drafted ahead at `src_slots` moves to dst_start.. (uncommitted)."""
+
 
 class SharedDrafter:
     """SubSpec's draft: the target's model and cache, substitutes in place of streamed layers."""
@@ -45,6 +48,9 @@ class SharedDrafter:
     def commit(self, src_slots: torch.Tensor) -> None:
         """Nothing to do: the shared cache accepted the target's slots."""
 
+    def relocate(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        self.target.cache.move(src_slots, dst_start)
+
 
 class ModelDrafter:
     """Classic speculation's draft: a separate, smaller model with its own cache."""
@@ -62,3 +68,6 @@ class ModelDrafter:
     def commit(self, src_slots: torch.Tensor) -> None:
         self.draft.cache.advance(1)  # the root, drafted at the first slot
         self.draft.cache.accept(src_slots[1:])
+
+    def relocate(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        self.draft.cache.move(src_slots, dst_start)

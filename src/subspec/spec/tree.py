@@ -58,44 +58,82 @@ class Tree:
 DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+class TreeBuilder:
+    """Grows a tree by drafting level by level and keeping the global top-`width` paths; one
+    `step()` drafts one level, so drafting can be interleaved with other work.
+
+    Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
+    Node j is drafted at cache slot `base + j` with RoPE position `pos0 + depth[j]`; every
+    node attends to the slots before `base` that `context` ([base] bool, None = all) marks,
+    its ancestors and itself.
+    """
+
+    def __init__(self, root: int, depth: int, width: int, temperature: float, step: DraftStep,
+                 device, base: int, pos0: int | None = None, context=None):  # fmt: skip
+        self.depth, self.width, self.temperature, self.step_fn = depth, width, temperature, step
+        self.device, self.base = device, base
+        self.pos0 = base if pos0 is None else pos0
+        self.context = context  # [base] bool or None
+        n_max = 1 + depth * width
+        self.tokens = torch.empty(n_max, dtype=torch.long, device=device)
+        self.parents = torch.full((n_max,), -1, dtype=torch.long, device=device)
+        self.depths = torch.zeros(n_max, dtype=torch.long, device=device)
+        self.anc = torch.zeros(n_max, n_max, dtype=torch.bool, device=device)
+        self.path_scores = torch.zeros(n_max, dtype=torch.float32, device=device)
+        self.tokens[0], self.anc[0, 0] = root, True
+        self.frontier = torch.zeros(1, dtype=torch.long, device=device)  # nodes to expand
+        self.scores = torch.zeros(1, dtype=torch.float32, device=device)  # their path log-probs
+        self.n, self.level = 1, 0
+
+    @property
+    def done(self) -> bool:
+        return self.level == self.depth
+
+    def rebase(self, base: int) -> None:
+        """The nodes drafted so far now sit at `base + j` (and so does their position 0):
+        the context becomes every slot before it."""
+        self.base = self.pos0 = base
+        self.context = None
+
+    def step(self) -> None:
+        """Draft one level: expand the frontier, keep the best `width` children."""
+        f, n, base, w = self.frontier.numel(), self.n, self.base, self.width
+        if self.context is None:
+            prefix = torch.ones(f, base, dtype=torch.bool, device=self.device)
+        else:
+            prefix = self.context[None].expand(f, base)
+        mask = torch.cat([prefix, self.anc[self.frontier, :n]], dim=1)  # [f, base + n]
+        logits = self.step_fn(
+            self.tokens[self.frontier], self.pos0 + self.depths[self.frontier],
+            base + self.frontier, mask, base + n,
+        )  # fmt: skip
+        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # [f, V]
+        # the global top-`width` paths are among each frontier node's top-`width` children
+        child_logp, child_tokens = logp.topk(w, dim=-1)  # [f, w]
+        cand = (self.scores[:, None] + child_logp).flatten()  # [f * w]
+        self.scores, flat = torch.topk(cand, w)
+        new = torch.arange(n, n + w, device=self.device)
+        parent = self.frontier[flat // w]
+        self.tokens[new], self.parents[new] = child_tokens.flatten()[flat], parent
+        self.depths[new] = self.level + 1
+        self.path_scores[new] = self.scores
+        self.anc[new] = self.anc[parent]
+        self.anc[new, new] = True
+        self.frontier, self.n, self.level = new, n + w, self.level + 1
+
+    def tree(self) -> Tree:
+        """The tree drafted so far."""
+        n = self.n
+        origin = torch.arange(n, device=self.device)
+        return Tree(self.tokens[:n], self.parents[:n], self.depths[:n], self.anc[:n, :n],
+                    self.path_scores[:n], origin)  # fmt: skip
+
+
 def build_tree(
     root: int, start: int, depth: int, width: int, temperature: float, step: DraftStep, device
 ) -> Tree:
-    """Grow a tree by drafting level by level and keeping the global top-`width` paths.
-
-    Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
-    """
-    n_max = 1 + depth * width
-    tokens = torch.empty(n_max, dtype=torch.long, device=device)
-    parents = torch.full((n_max,), -1, dtype=torch.long, device=device)
-    depths = torch.zeros(n_max, dtype=torch.long, device=device)
-    anc = torch.zeros(n_max, n_max, dtype=torch.bool, device=device)
-    path_scores = torch.zeros(n_max, dtype=torch.float32, device=device)
-    tokens[0], anc[0, 0] = root, True
-    frontier = torch.zeros(1, dtype=torch.long, device=device)  # node indices being expanded
-    scores = torch.zeros(1, dtype=torch.float32, device=device)  # their path log-probs
-    n = 1
-    for d in range(depth):
-        kv_len = start + n
-        mask = torch.cat(
-            [
-                torch.ones(frontier.numel(), start, dtype=torch.bool, device=device),
-                anc[frontier, :n],
-            ],
-            dim=1,
-        )  # fmt: skip  [f, start + n]
-        logits = step(tokens[frontier], start + depths[frontier], start + frontier, mask, kv_len)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [f, V]
-        # the global top-`width` paths are among each frontier node's top-`width` children
-        child_logp, child_tokens = logp.topk(width, dim=-1)  # [f, width]
-        cand = (scores[:, None] + child_logp).flatten()  # [f * w]
-        scores, flat = torch.topk(cand, width)
-        new = torch.arange(n, n + width, device=device)
-        parent = frontier[flat // width]
-        tokens[new], parents[new], depths[new] = child_tokens.flatten()[flat], parent, d + 1
-        path_scores[new] = scores
-        anc[new] = anc[parent]
-        anc[new, new] = True
-        frontier, n = new, n + width
-    origin = torch.arange(n, device=device)
-    return Tree(tokens[:n], parents[:n], depths[:n], anc[:n, :n], path_scores[:n], origin)
+    """A whole tree of `depth` levels rooted at slot and position `start` (see TreeBuilder)."""
+    builder = TreeBuilder(root, depth, width, temperature, step, device, base=start)
+    while not builder.done:
+        builder.step()
+    return builder.tree()

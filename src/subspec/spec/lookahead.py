@@ -1,0 +1,80 @@
+"""Drafting the next round's tree while the target's verification pass waits for weights.
+
+The guess: the target accepts the current tree's best path whole, then picks the draft's own
+top token after it as the bonus. The next tree is grown from that guess in the cache slots
+after the current tree, one level per call of `work()`, in the gaps of the verification pass;
+after the walk it is kept only when the guess came true (so it changes what is proposed,
+never what is emitted).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from subspec.config import SpecConfig
+from subspec.spec.tree import DraftStep, Tree, TreeBuilder
+
+
+class Lookahead:
+    """The next round's tree, drafted ahead of the walk on a guess about its outcome."""
+
+    def __init__(self, drafted: Tree, start: int, spec: SpecConfig, step: DraftStep, device):
+        self.drafted, self.start, self.spec = drafted, start, spec
+        self.step_fn, self.device = step, device
+        last = drafted.depths == drafted.depths.max()
+        scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
+        self.leaf = int(scores.argmax())  # the end of the best full-depth path
+        self.path = drafted.ancestors[self.leaf].nonzero().flatten()  # root .. leaf
+        self.scratch = start + drafted.size  # first slot after the tree as drafted
+        self.builder: TreeBuilder | None = None
+        self.guess: int | None = None
+        self.work_s, self.steps = 0.0, 0
+
+    def work(self) -> bool:
+        """Draft one level of the next tree (the first call guesses its root); False once the
+        tree is complete."""
+        if self.builder is not None and self.builder.done:
+            return False
+        t0 = time.perf_counter()
+        if self.builder is None:
+            self._start()
+        else:
+            self.builder.step()
+        self.steps += 1
+        self.work_s += time.perf_counter() - t0
+        return True
+
+    def _start(self) -> None:
+        """Re-feed the leaf at the scratch slot (its own slot is being verified) to guess the
+        bonus, and root the next tree there, one slot further on."""
+        s, leaf = self.start, self.leaf
+        kv_len = self.scratch + 1
+        context = torch.zeros(kv_len, dtype=torch.bool, device=self.device)  # [kv_len]
+        context[:s] = True  # the committed prefix
+        context[s + self.path[:-1]] = True  # the root and the path above the leaf
+        context[self.scratch] = True  # the leaf's copy
+        depth = int(self.drafted.depths[leaf])
+        position = torch.tensor([s + depth], device=self.device)
+        slot = torch.tensor([self.scratch], device=self.device)
+        logits = self.step_fn(self.drafted.tokens[leaf : leaf + 1], position, slot,
+                              context[None], kv_len)  # fmt: skip
+        self.guess = int(logits[0].argmax())
+        spec = self.spec
+        self.builder = TreeBuilder(
+            self.guess, spec.depth, spec.width, spec.draft_temperature, self.step_fn,
+            self.device, base=kv_len, pos0=s + depth + 1, context=context,
+        )  # fmt: skip
+
+    def take(self, accepted: list[int], bonus: int, drafter) -> TreeBuilder | None:
+        """The next tree's builder, its draft KV moved to the next round's slots, when the
+        walk accepted exactly the guessed path (`accepted`: drafted node indices, root
+        excluded) and drew the guessed bonus; else None."""
+        b = self.builder
+        if b is None or bonus != self.guess or accepted != self.path[1:].tolist():
+            return None
+        next_start = self.start + 1 + len(accepted)  # the committed length after this round
+        drafter.relocate(torch.arange(b.base, b.base + b.n, device=self.device), next_start)
+        b.rebase(next_start)
+        return b
