@@ -19,7 +19,9 @@ class Session:
     def __init__(self, runtime: Runtime, request: Request):
         runtime.check(len(request.prompt_ids), request.max_new_tokens, request.method)
         self.runtime, self.request = runtime, request
-        self.gen = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
+        # on the runtime's device: torch.multinomial needs a generator where its input lives
+        device = runtime.target.device
+        self.gen = torch.Generator(device=device).manual_seed(request.sampling.seed)
         self.counters = DecodeStats()
         runtime.reset()
         reset_peak_rss()

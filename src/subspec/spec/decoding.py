@@ -33,6 +33,14 @@ class DecodeStats:
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
 
+def _clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: CUDA runs asynchronously,
+    so an unsynchronised timer would measure only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
     """Run the prompt through an empty cache in chunks; returns the last position's logits [V]."""
     cache = target.cache
@@ -85,24 +93,24 @@ def speculative(
     yield [pending]
     while True:
         start = cache.length
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         tree = build_tree(
             pending, start, spec.depth, spec.width, spec.draft_temperature, drafter.step, device
         )
         tree = tree.prune(spec.verify_nodes) if spec.verify_nodes else tree
-        t1 = time.perf_counter()
+        t1 = _clock(device)
         hidden = target.forward(
             tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
             start + tree.size,
         )  # fmt: skip
-        path, bonus = walk(tree, target.logits(hidden), sampling, gen)
+        verdict = walk(tree, target.logits(hidden), sampling, gen)
         stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
+        stats.verify_s += _clock(device) - t1
         stats.target_forwards += 1
-        stats.accept_lengths.append(len(path))
-        path_t = torch.tensor(path, dtype=torch.long, device=device)
+        stats.accept_lengths.append(verdict.accepted)
+        nodes = verdict.nodes  # [a] on device
         cache.advance(1)  # the root, verified at slot `start`
-        cache.accept(path_t + start)
-        drafter.commit(tree.origin[torch.cat([path_t.new_zeros(1), path_t])] + start)
-        pending = bonus
-        yield tree.tokens[path].tolist() + [bonus]
+        cache.accept(nodes + start)
+        drafter.commit(tree.origin[torch.cat([nodes.new_zeros(1), nodes])] + start)
+        pending = verdict.bonus
+        yield verdict.tokens
