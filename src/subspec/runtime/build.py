@@ -28,15 +28,16 @@ from subspec.model.placed import PlacedModel
 from subspec.model.tokenizer import load_tokenizer
 from subspec.offload.planner import ModelSizes, Placement, plan
 from subspec.offload.prefetch import Prefetcher
-from subspec.offload.stores import open_store
+from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.progress import progress_bars
 from subspec.runtime.runtime import Runtime, Streaming
 from subspec.runtime.weights import (
-    ensure_head_files,
-    ensure_layer_files,
+    ensure_files,
     fingerprint,
+    head_sources,
     layer_nbytes,
+    layer_sources,
     load_draft_head,
     load_resident,
     load_substitutes,
@@ -179,23 +180,36 @@ class Builder:
         return Embedding(mapped=self.ckpt.rows(EMBED), dtype=self.dtype, device=self.device)
 
     def _stream(self, placement: Placement) -> tuple[Streaming, StreamedHead | None]:
-        """Layer files (and LM head chunks when the head streams) and their prefetcher, which
-        reads them in the order a forward pass and its logits consume them."""
+        """The slow tier (the layers, and LM head chunks when the head streams) and its
+        prefetcher, which reads units in the order a forward pass and its logits use them."""
         m, layers = self.model_cfg, placement.streamed_layers
-        directory = self.cache_dir / "layers"
-        manifests = ensure_layer_files(self.ckpt, m, layers, self.dtype, directory, self.bars)
-        head_units = []
+        sources = layer_sources(self.ckpt, m, layers, self.dtype)
+        head = {}
         if not placement.lm_head_resident:
-            head = ensure_head_files(
-                self.load_head, m, self.dtype, m.num_layers, directory, self.bars
-            )
-            manifests |= head
-            head_units = list(head)
-        store = open_store(self.device, directory, manifests)
+            head = head_sources(self.load_head, m, self.dtype, m.num_layers)
+        store = self._slow_store(sources, head)
+        head_units = list(head)
         prefetcher = Prefetcher(store, layers + head_units, self.cfg.n_buffers, self.device)
-        streamed = StreamedLayers(prefetcher, manifests)
+        streamed = StreamedLayers(prefetcher, store.manifests)
         streaming = Streaming(streamed, prefetcher, getattr(store, "mode", "pinned-host"))
         return streaming, StreamedHead(streamed, head_units) if head_units else None
+
+    def _slow_store(self, layers: dict, head: dict) -> SlowStore:
+        """Disk for a CPU: layer files written once, read with O_DIRECT. Pinned host RAM for
+        CUDA, packed straight from the checkpoint (no disk copy of a RAM tier)."""
+        if self.device.type == "cpu":
+            directory = self.cache_dir / "layers"
+            manifests = ensure_files(directory, layers, "writing layer files", self.bars)
+            manifests |= ensure_files(directory, head, "writing LM head chunks", self.bars)
+            return DiskStore(directory, manifests)
+        units = layers | head
+        task = self.bars.add_task("packing layers into pinned host RAM", total=len(units))
+
+        def packed(source):
+            self.bars.advance(task)
+            return source()
+
+        return PinnedHostStore({u: functools.partial(packed, f) for u, f in units.items()})
 
     def _shared_drafter(self, target: PlacedModel, placement: Placement, resident):
         """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""

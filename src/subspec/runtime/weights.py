@@ -56,12 +56,9 @@ def load_resident(ckpt, cfg, layers, dtype, device) -> dict[int, LayerWeights]:
     }
 
 
-def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
-    """Write the per-layer files of `layers` once; returns {layer: manifest}."""
-    return _ensure_files(
-        directory, list(layers), lambda i: layer_tensors(ckpt, cfg, i, dtype),
-        "writing layer files", progress,
-    )  # fmt: skip
+def layer_sources(ckpt, cfg, layers, dtype) -> dict:
+    """{layer: a function reading its tensors from the checkpoint}, for a slow-tier store."""
+    return {i: functools.partial(layer_tensors, ckpt, cfg, i, dtype) for i in layers}
 
 
 def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -70,25 +67,40 @@ def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return layer_nbytes(cfg, dtype) // (cfg.hidden_size * item)
 
 
-def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
-    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
-    chunk files numbered from `first_unit`; returns {unit: manifest}."""
+def head_sources(load_head, cfg, dtype, first_unit: int) -> dict:
+    """{unit: a function returning one chunk {"weight": [rows, H]} of the LM head}, numbered
+    from `first_unit`; `load_head()` (the whole head [V, H]) is called at most once."""
     rows = head_chunk_rows(cfg, dtype)
-    n_chunks = -(-cfg.vocab_size // rows)
-    units = list(range(first_unit, first_unit + n_chunks))
     load_once = functools.cache(load_head)
 
     def chunk(unit: int) -> dict[str, torch.Tensor]:
         start = (unit - first_unit) * rows
         return {"weight": load_once()[start : start + rows]}  # [rows, H]
 
-    return _ensure_files(directory, units, chunk, "writing LM head chunks", progress)
+    n_chunks = -(-cfg.vocab_size // rows)
+    units = range(first_unit, first_unit + n_chunks)
+    return {u: functools.partial(chunk, u) for u in units}
 
 
-def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> dict:
+def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
+    """Write the per-layer files of `layers` once; returns {layer: manifest}."""
+    sources = layer_sources(ckpt, cfg, layers, dtype)
+    return ensure_files(directory, sources, "writing layer files", progress)
+
+
+def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
+    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
+    chunk files numbered from `first_unit`; returns {unit: manifest}."""
+    sources = head_sources(load_head, cfg, dtype, first_unit)
+    return ensure_files(directory, sources, "writing LM head chunks", progress)
+
+
+def ensure_files(directory: Path, sources: dict, label: str, progress) -> dict:
+    """Write a layer file for every unit of `sources` ({unit: () -> tensors}) that has no
+    valid one in `directory`; returns {unit: manifest}."""
     directory.mkdir(parents=True, exist_ok=True)
     manifests, missing = {}, []
-    for i in units:
+    for i in sources:
         path = layer_path(directory, i)
         try:
             manifests[i] = read_manifest(path)
@@ -99,7 +111,7 @@ def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> d
             missing.append(i)
     task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
-        manifests[i] = write_layer_file(layer_path(directory, i), tensors_of(i))
+        manifests[i] = write_layer_file(layer_path(directory, i), sources[i]())
         if task is not None and progress:
             progress.advance(task)
     return manifests
