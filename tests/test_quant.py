@@ -10,6 +10,7 @@ from torch import nn
 import subspec.quant.cache as QC
 import subspec.quant.linear as QL
 from subspec import quant as Q
+from subspec.errors import SubspecError
 from subspec.files import safetensors_fingerprint
 from subspec.quant import native
 
@@ -236,3 +237,25 @@ def test_fingerprint_tracks_checkpoint(tmp_path):
     assert safetensors_fingerprint([shard]) == first
     save_file({"w": torch.zeros(4, 5)}, shard)
     assert safetensors_fingerprint([shard]) != first
+
+
+def test_min_max_rounding_without_hqq_matches_hqq(monkeypatch):
+    import builtins
+
+    from subspec.quant import hqq
+
+    w = torch.randn(48, 256).to(torch.bfloat16)
+    with_hqq = hqq._hqq_params(w, 4, 64, optimize=False)
+    real_import = builtins.__import__
+
+    def no_hqq(name, *args, **kwargs):
+        if name.startswith("hqq"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hqq)
+    without = hqq._hqq_params(w, 4, 64, optimize=False)
+    for a, b in zip(with_hqq, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    with pytest.raises(SubspecError, match="hqq package"):
+        hqq._hqq_params(w, 4, 64, optimize=True)

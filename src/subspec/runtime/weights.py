@@ -125,25 +125,27 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
     if spec.bits == 16:
         return load_resident(ckpt, cfg, layers, dtype, device)
     meta = _quant_meta(spec, spec.bits, dtype)
-    cached = {i: quant.load_quantized(directory / f"layer_{i:05d}.safetensors", meta)
+    # cached substitutes load straight into the device's layout
+    cached = {i: quant.load_quantized(directory / f"layer_{i:05d}.safetensors", meta, device)
               for i in layers}  # fmt: skip
     missing = [i for i in layers if cached[i] is None]
     task = progress and missing and progress.add_task(
         f"quantizing {len(missing)} layers to {spec.bits}-bit", total=len(missing))  # fmt: skip
-    for i in missing:
+    for i in missing:  # quantized on the CPU (no device temporaries), then moved
         t = layer_tensors(ckpt, cfg, i, dtype)
-        cached[i] = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
-                                     spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
+        linears = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
+                                   spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
-        quant.save_quantized(directory / f"layer_{i:05d}.safetensors", cached[i], meta)
+        quant.save_quantized(directory / f"layer_{i:05d}.safetensors", linears, meta)
+        cached[i] = {name: linear.to(device) for name, linear in linears.items()}
         if task is not None and progress:
             progress.advance(task)
-    subs = {}
-    for i in layers:
-        tensors = {k: v.to(device) for k, v in layer_norms(ckpt, cfg, i, dtype).items()}
-        linears = {name: cached[i][name].to(device) for name in LINEAR_NAMES}
-        subs[i] = substitute_layer(tensors, linears)
-    return subs
+    return {
+        i: substitute_layer(
+            {k: v.to(device) for k, v in layer_norms(ckpt, cfg, i, dtype).items()}, cached[i]
+        )
+        for i in layers
+    }
 
 
 def _quant_meta(spec, bits: int, dtype) -> dict[str, str]:
@@ -160,12 +162,13 @@ def load_draft_head(load_weight, shape, dtype, device, spec, path, progress):
     """The draft's LM head: a low-bit copy of the weight [V, H] = `shape` that `load_weight()`
     returns (called only when the copy cached at `path` is missing or stale)."""
     meta = {"shape": str(tuple(shape)), **_quant_meta(spec, spec.head_bits, dtype)}
-    head = quant.load_quantized(path, meta)
-    if head is None:
-        task = progress and progress.add_task("quantizing the draft LM head", total=1)
-        weight = load_weight().to(device)
-        head = {"lm_head": _quantize(weight, None, spec, spec.head_bits, dtype)}
-        quant.save_quantized(path, head, meta)
-        if task is not None and progress:
-            progress.advance(task)
-    return head["lm_head"].to(device)
+    head = quant.load_quantized(path, meta, device)
+    if head is not None:
+        return head["lm_head"]
+    task = progress and progress.add_task("quantizing the draft LM head", total=1)
+    # on the CPU: quantizing on the device would need 3-4x the head's size in temporaries
+    head = _quantize(load_weight().cpu(), None, spec, spec.head_bits, dtype)
+    quant.save_quantized(path, {"lm_head": head}, meta)
+    if task is not None and progress:
+        progress.advance(task)
+    return head.to(device)
