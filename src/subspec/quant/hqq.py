@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from subspec.errors import SubspecError
-from subspec.quant.linear import QuantLinear, offset
+from subspec.quant.linear import QuantLinear, held_bits, offset
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _QUANT_CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many weights
@@ -100,9 +100,11 @@ def quantized_nbytes(
     *,
     bias: bool = False,
     compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
 ) -> int:
-    """Bytes a QuantLinear of this shape holds in memory (same for every layout)."""
+    """Bytes a QuantLinear of this shape holds in memory on ``device``."""
     itemsize = compute_dtype.itemsize
-    values = out_features * in_features * bits // 8
+    held = held_bits(bits, group_size, out_features, in_features, compute_dtype, device)
+    values = out_features * in_features * held // 8
     scales_and_zeros = (in_features // group_size) * out_features * 2 * itemsize
     return values + scales_and_zeros + (out_features * itemsize if bias else 0)

@@ -132,7 +132,9 @@ class Builder:
         return ModelSizes(
             num_layers=m.num_layers,
             layer_bytes=layer_nbytes(m, dt),
-            substitute_bytes=substitute_nbytes(m, spec.bits, spec.group_size, dt) if sub else 0,
+            substitute_bytes=(
+                substitute_nbytes(m, spec.bits, spec.group_size, dt, self.device) if sub else 0
+            ),
             embed_bytes=0 if self.cfg.map_embeddings and not self.tied else table,
             lm_head_bytes=0 if self.tied else table,
             norm_bytes=m.hidden_size * item,
@@ -150,7 +152,8 @@ class Builder:
         if spec.head_bits == 16:
             return 0
         return quant.quantized_nbytes(m.vocab_size, m.hidden_size, spec.head_bits,
-                                      spec.group_size, compute_dtype=self.dtype)  # fmt: skip
+                                      spec.group_size, compute_dtype=self.dtype,
+                                      device=self.device)  # fmt: skip
 
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams."""

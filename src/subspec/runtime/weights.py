@@ -35,13 +35,14 @@ def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return sum(align_up(n * item) for n in numels)
 
 
-def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> int:
-    """Bytes of one layer's substitute: quantized linears plus full-precision norms and bias."""
+def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype, device="cpu") -> int:
+    """Bytes of one layer's substitute on `device`: quantized linears (in the device's layout)
+    plus full-precision norms and bias."""
     if bits == 16:
         return layer_nbytes(cfg, dtype)
     item = torch.empty((), dtype=dtype).element_size()
     linears = sum(
-        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype)
+        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype, device=device)
         for o, i in cfg.linear_shapes.values()
     )
     extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
