@@ -114,6 +114,7 @@ def _aggregate(method, outputs, per_prompt: list[GenerationStats], runtime) -> d
         "target_forwards": forwards,
         "tau": decode_tokens / forwards if forwards else 0.0,
         "peak_rss_bytes": max(s.peak_rss_bytes for s in per_prompt),
+        "device_peak_bytes": max((s.device_peak_bytes or 0) for s in per_prompt) or None,
         "bytes_streamed": sum(s.memory.bytes_streamed for s in per_prompt),
         "transfer_wait_s": sum(s.memory.transfer_wait_s for s in per_prompt),
         "resident_bytes": runtime.placement.resident_bytes,

@@ -18,7 +18,7 @@ from subspec.config import RuntimeConfig
 from subspec.errors import SubspecError
 from subspec.files import cache_root
 from subspec.hub.models import resolve_model
-from subspec.memory import current_rss_bytes, release_free_memory
+from subspec.memory import current_rss_bytes, fast_memory_budget, release_free_memory
 from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
 from subspec.model.config import ModelConfig
 from subspec.model.forward import Embedding, Model
@@ -42,6 +42,7 @@ from subspec.runtime.weights import (
     load_resident,
     load_substitutes,
     substitute_nbytes,
+    workspace_nbytes,
 )
 from subspec.spec.drafters import ModelDrafter, SharedDrafter
 
@@ -145,6 +146,9 @@ class Builder:
             draft_head_bytes=self._draft_head_bytes() if sub else 0,
             scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
             head_can_stream=not (sub and spec.head_bits == 16),
+            workspace_bytes=workspace_nbytes(
+                m, max(self.cfg.prefill_chunk, spec.tree_size), self.cfg.capacity, dt, self.device
+            ),
         )
 
     def _draft_head_bytes(self) -> int:
@@ -158,7 +162,8 @@ class Builder:
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams."""
         m, cfg = self.model_cfg, self.cfg
-        placement = plan(self.sizes(extra_bytes), cfg.memory_budget, cfg.n_buffers)
+        budget = fast_memory_budget(cfg.memory_budget, self.device)
+        placement = plan(self.sizes(extra_bytes), budget, cfg.n_buffers)
         resident = load_resident(self.ckpt, m, placement.resident_layers, self.dtype, self.device)
         streaming, streamed_head = None, None
         if placement.streamed_layers:

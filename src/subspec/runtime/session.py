@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from subspec.memory import peak_rss_bytes, reset_peak_rss
+from subspec.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, reset_peak_rss
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats, SpecStats
 from subspec.spec.decoding import DecodeStats
@@ -25,6 +25,7 @@ class Session:
         self.counters = DecodeStats()
         runtime.reset()
         reset_peak_rss()
+        reset_device_peak(device)
         self.started = time.perf_counter()
 
     def token_batches(self) -> Iterator[list[int]]:
@@ -55,6 +56,7 @@ class Session:
             decode_tokens_per_s=decode_tokens / decode_s,
             target_forwards=c.target_forwards,
             peak_rss_bytes=peak_rss_bytes(),
+            device_peak_bytes=device_peak_bytes(self.runtime.target.device),
             memory=self.runtime.memory_stats(),
             spec=spec,
             top2_margins=[round(m, 4) for m in c.margins[:new_tokens]] if c.margins else None,

@@ -17,6 +17,7 @@ from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
 from subspec.offload.layer_file import align_up, layer_path, read_manifest, write_layer_file
+from subspec.quant.linear import BITPACK_SCRATCH_ELEMENTS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,25 @@ def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     numels += [cfg.qkv_out] if cfg.qkv_bias else []
     numels += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
     return sum(align_up(n * item) for n in numels)
+
+
+CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
+
+
+def workspace_nbytes(cfg: ModelConfig, tokens: int, kv_len: int, dtype, device) -> int:
+    """Fast memory a forward over `tokens` rows attending to `kv_len` slots needs beyond the
+    weights and the cache, on a CUDA device (0 on CPU, whose planner counts weights only):
+    one layer's activations, fp32 attention scores and probabilities, K/V repeated per query
+    head, fp32 logits and their softmax, the bitpack matmul's block, and the CUDA context."""
+    if torch.device(device).type != "cuda":
+        return 0
+    item = torch.empty((), dtype=dtype).element_size()
+    activations = tokens * (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
+    scores = 2 * cfg.num_heads * tokens * kv_len * 4
+    repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
+    logits = 2 * tokens * cfg.vocab_size * 4
+    bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
+    return activations + scores + repeated_kv + logits + bitpack + CUDA_CONTEXT_BYTES
 
 
 def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype, device="cpu") -> int:
