@@ -163,6 +163,7 @@ class FakeRuntime:
         self.tokenizer = tokenizer or tiny_tokenizer()
         self.cfg = SimpleNamespace(model="tiny-fake", context=context, spec=SpecConfig())
         self.methods = ("vanilla",)
+        self.target = SimpleNamespace(device=torch.device("cpu"))
         self.placement = SimpleNamespace(summary=lambda: "placement: fake", streams=False)
         self.eos_ids = {self.tokenizer.eos_token_id}
         self.script = self.tokenizer.convert_tokens_to_ids(list(reply)) + [

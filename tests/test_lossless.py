@@ -150,8 +150,9 @@ def _chi2_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_sampling_matches_vanilla_distribution(tiny_model_dir, full_bytes, slow_disk):
     """Tokens 2 and 3 (drawn inside speculative rounds) over 300 seeds per method, at
-    temperature 1 with top-k 6, against vanilla's, drafting ahead during the reads. p < 1e-3 fails: a false-failure rate of
-    0.1% per position, and the seeds are fixed, so the outcome is deterministic."""
+    temperature 1 with top-k 6, against vanilla's, drafting ahead during the reads. p < 1e-3
+    fails: a false-failure rate of 0.1% per position, and the seeds are fixed, so the outcome
+    is deterministic."""
     sampling = dict(temperature=1.0, top_k=6)
     vanilla = make_engine(tiny_model_dir, ("vanilla",))
     budget = max(int(0.6 * full_bytes), minimum_budget(tiny_model_dir, ("subspec",)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import random
 import threading
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from subspec.bench.bandwidth import measure_disk_bandwidth
+from subspec.bench.bandwidth import measure_disk_bandwidth, measure_slow_tier_bandwidth
 from subspec.errors import SubspecError
 from subspec.offload.layer_file import (
     ALIGN,
@@ -187,6 +188,26 @@ def test_pinned_host_store_on_cpu():
     assert store.pinned == torch.cuda.is_available()
     for unit in tensors:
         assert_same(read_unit(store, unit), tensors[unit])
+
+
+def test_pinned_host_store_packs_from_loaders_once():
+    calls = []
+
+    def loader(unit):
+        calls.append(unit)
+        return make_layer(unit)
+
+    store = PinnedHostStore({u: functools.partial(loader, u) for u in (2, 5)})
+    assert calls == [2, 5]  # each unit read once, in order, and nothing written to disk
+    assert store.host_bytes == sum(m.total_bytes for m in store.manifests.values())
+    for unit in (2, 5):
+        assert_same(read_unit(store, unit), make_layer(unit))
+    store.close()
+
+
+def test_measure_host_to_device_bandwidth_on_cpu():
+    store = PinnedHostStore({u: make_layer(u) for u in range(3)})
+    assert measure_slow_tier_bandwidth(store, 1 << 20, torch.device("cpu")) > 0
 
 
 def test_measure_disk_bandwidth(layer_dir):

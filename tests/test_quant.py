@@ -10,6 +10,7 @@ from torch import nn
 import subspec.quant.cache as QC
 import subspec.quant.linear as QL
 from subspec import quant as Q
+from subspec.errors import SubspecError
 from subspec.files import safetensors_fingerprint
 from subspec.kernels import native
 
@@ -236,3 +237,53 @@ def test_fingerprint_tracks_checkpoint(tmp_path):
     assert safetensors_fingerprint([shard]) == first
     save_file({"w": torch.zeros(4, 5)}, shard)
     assert safetensors_fingerprint([shard]) != first
+
+
+def test_min_max_rounding_without_hqq_matches_hqq(monkeypatch):
+    import builtins
+
+    from subspec.quant import hqq
+
+    w = torch.randn(48, 256).to(torch.bfloat16)
+    with_hqq = hqq._hqq_params(w, 4, 64, optimize=False)
+    real_import = builtins.__import__
+
+    def no_hqq(name, *args, **kwargs):
+        if name.startswith("hqq"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hqq)
+    without = hqq._hqq_params(w, 4, 64, optimize=False)
+    for a, b in zip(with_hqq, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    with pytest.raises(SubspecError, match="hqq package"):
+        hqq._hqq_params(w, 4, 64, optimize=True)
+
+
+def test_cuda_layout_choice_and_held_bytes():
+    from types import SimpleNamespace
+
+    cuda = torch.device("cuda")
+
+    def layout(bits, dtype=torch.bfloat16, in_features=128, group=64):
+        m = SimpleNamespace(device=cuda, bits=bits, group_size=group, out_features=32,
+                            in_features=in_features, compute_dtype=dtype)  # fmt: skip
+        return QL._choose_layout(m)
+
+    assert [layout(b) for b in (2, 3, 4)] == ["int4_cuda"] * 3  # no per-call dequantization
+    assert layout(4, torch.float32) == layout(8) == layout(4, in_features=48, group=16)
+    assert layout(8) == "bitpack"
+    # 2/3-bit values sit in 4-bit nibbles on CUDA: the planner counts what is held
+    held = Q.quantized_nbytes(32, 128, 2, 64, device="cuda")
+    assert held == Q.quantized_nbytes(32, 128, 4, 64) > Q.quantized_nbytes(32, 128, 2, 64)
+
+
+def test_bitpack_matmul_in_row_blocks_matches_reference(monkeypatch):
+    monkeypatch.setattr(QL, "BITPACK_SCRATCH_ELEMENTS", 3 * 64)  # 3 rows per block
+    q = torch.randint(0, 256, (10, 64), dtype=torch.uint8)
+    sz = torch.randn(2, 10, 2) * 0.01  # two groups per row: not int8_rowwise
+    lin = QL.QuantLinear(q, sz, None, bits=8, group_size=32)
+    assert lin.layout == "bitpack"
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(lin(x), x @ lin.dequantize().T)

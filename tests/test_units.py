@@ -138,9 +138,14 @@ def test_walk_greedy_follows_target_and_returns_bonus():
     # root(0) -> a:1 (node1), b:2 (node2); node1 -> 3 (node3)
     tree = _tree([0, 1, 2, 3], [-1, 0, 0, 1])
     greedy = SamplingConfig()
-    assert walk(tree, _onehot([1, 3, 0, 2]), greedy, None) == ([1, 3], 2)
-    assert walk(tree, _onehot([2, 0, 1, 0]), greedy, None) == ([2], 1)
-    assert walk(tree, _onehot([3, 0, 0, 0]), greedy, None) == ([], 3)
+    for rows, path, emitted in [
+        ([1, 3, 0, 2], [1, 3], [1, 3, 2]),
+        ([2, 0, 1, 0], [2], [2, 1]),
+        ([3, 0, 0, 0], [], [3]),
+        ([1, 0, 0, 0], [1], [1, 0]),  # node1's pick 0 is no child: bonus
+    ]:
+        verdict = walk(tree, _onehot(rows), greedy, None)
+        assert (verdict.nodes.tolist(), verdict.tokens) == (path, emitted)
 
 
 def test_walk_sampling_is_the_target_distribution():
@@ -150,8 +155,7 @@ def test_walk_sampling_is_the_target_distribution():
     gen = torch.Generator().manual_seed(0)
     first = torch.zeros(4)
     for _ in range(4000):
-        path, bonus = walk(tree, logits, cfg, gen)
-        first[tree.tokens[path[0]] if path else bonus] += 1
+        first[walk(tree, logits, cfg, gen).tokens[0]] += 1
     assert torch.allclose(first / 4000, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03)
 
 

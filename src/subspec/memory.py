@@ -1,10 +1,12 @@
-"""Process memory measurement: peak resident set size, resettable between phases."""
+"""Memory measurement: peak resident set size and device peak, resettable between phases."""
 
 from __future__ import annotations
 
 import ctypes
 import resource
 from pathlib import Path
+
+import torch
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -44,3 +46,25 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc
+
+
+def fast_memory_budget(budget: int | None, device: torch.device) -> int | None:
+    """The budget to plan for: `budget`, or on a CUDA device without one, the memory free on
+    it now (None on CPU: no limit)."""
+    if budget is None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return budget
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Reset the CUDA allocator's high-water mark (nothing to do on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_bytes(device: torch.device) -> int | None:
+    """Peak bytes torch allocated on a CUDA device since the last reset; None on CPU (host
+    RSS there is the fast tier, and on CUDA RSS includes the whole pinned slow tier)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None

@@ -1,4 +1,5 @@
-"""Bandwidths this machine's run is bound by: cold disk reads of real layer files."""
+"""Bandwidths this machine's run is bound by: cold disk reads of real layer files (CPU), or
+copies of pinned host units to the GPU (CUDA)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from subspec.offload.stores import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_IO_THREADS,
     DiskStore,
+    PinnedHostStore,
     SlowStore,
     aligned_empty,
     drop_page_cache,
@@ -48,6 +50,43 @@ def measure_disk_bandwidth(
         return _measure(path_or_store, nbytes, threads)
     with _open_store(path_or_store, chunk_bytes, io_threads) as store:
         return _measure(store, nbytes, threads)
+
+
+def measure_slow_tier_bandwidth(store: SlowStore, nbytes: int, device: torch.device) -> float:
+    """Bytes/s at which ``store`` fills fast-tier buffers on ``device``: cold disk reads for a
+    DiskStore, host-to-device copies for a PinnedHostStore."""
+    if isinstance(store, DiskStore):
+        return measure_disk_bandwidth(store, nbytes)
+    if isinstance(store, PinnedHostStore):
+        return measure_host_to_device_bandwidth(store, nbytes, device)
+    raise TypeError(f"no bandwidth probe for {type(store).__name__}")
+
+
+def measure_host_to_device_bandwidth(
+    store: PinnedHostStore, nbytes: int, device: str | torch.device
+) -> float:
+    """Copy rate (bytes/s) of ``store``'s units into one device buffer, cyclically, for at
+    least ``nbytes``: the pinned host -> device rate the prefetcher's copies run at on CUDA
+    (a plain memory copy on CPU). One warm-up copy is not counted."""
+    device = torch.device(device)
+    units = list(store.manifests)
+    dst = torch.empty(max(store.nbytes(u) for u in units), dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    store.read_into(units[0], dst, stream=stream)  # warm-up
+    _synchronize(stream)
+    done, i = 0, 0
+    start = time.perf_counter()
+    while done < nbytes:
+        unit = units[i % len(units)]
+        store.read_into(unit, dst, stream=stream)
+        done, i = done + store.nbytes(unit), i + 1
+    _synchronize(stream)
+    return done / (time.perf_counter() - start)
+
+
+def _synchronize(stream) -> None:
+    if stream is not None:
+        stream.synchronize()
 
 
 def _measure(store: DiskStore, nbytes: int, threads: int) -> float:

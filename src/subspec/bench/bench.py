@@ -114,6 +114,7 @@ def _aggregate(method, outputs, per_prompt: list[GenerationStats], runtime) -> d
         "target_forwards": forwards,
         "tau": decode_tokens / forwards if forwards else 0.0,
         "peak_rss_bytes": max(s.peak_rss_bytes for s in per_prompt),
+        "device_peak_bytes": max((s.device_peak_bytes or 0) for s in per_prompt) or None,
         "bytes_streamed": sum(s.memory.bytes_streamed for s in per_prompt),
         "transfer_wait_s": sum(s.memory.transfer_wait_s for s in per_prompt),
         "resident_bytes": runtime.placement.resident_bytes,
@@ -129,8 +130,9 @@ def _aggregate(method, outputs, per_prompt: list[GenerationStats], runtime) -> d
 
 
 def _bound(runtime, vanilla: dict) -> dict | None:
-    """Tokens/s if a decode pass cost exactly its streamed bytes at the measured disk speed."""
-    from subspec.bench.bandwidth import measure_disk_bandwidth
+    """Tokens/s if a decode pass cost exactly its streamed bytes at the measured rate of the
+    slow tier (disk reads on CPU, pinned host -> device copies on CUDA)."""
+    from subspec.bench.bandwidth import measure_slow_tier_bandwidth
 
     if not runtime.placement.streams or not vanilla["target_forwards"]:
         return None
@@ -138,9 +140,11 @@ def _bound(runtime, vanilla: dict) -> dict | None:
         s["target_forwards"] + 1 + (s["prompt_tokens"] - 1) // runtime.cfg.prefill_chunk
         for s in vanilla["per_prompt"]
     )  # every pass (prefill chunks included) streams the same layers
-    bandwidth = measure_disk_bandwidth(runtime.streaming.prefetcher.store, 512 << 20)
+    store = runtime.streaming.prefetcher.store
+    bandwidth = measure_slow_tier_bandwidth(store, 512 << 20, runtime.target.device)
     return {
-        "disk_read_bytes_per_s": bandwidth,
+        "disk_read_bytes_per_s": bandwidth,  # the slow tier's rate, whatever it is
+        "slow_tier_bytes_per_s": bandwidth,
         "streamed_bytes_per_token": per_token,
         "tokens_per_s": bandwidth / per_token,
         "store_mode": runtime.streaming.store_mode,

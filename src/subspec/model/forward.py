@@ -46,16 +46,37 @@ class Embedding:
     def __init__(self, weight: torch.Tensor | None = None, mapped=None, dtype=None, device=None):
         self.weight = weight  # [V, H] resident, or None
         self.mapped = mapped  # (np.memmap [V, H], stored torch dtype) or None
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+        self._staging: torch.Tensor | None = None  # CUDA: pinned [rows, H] gather buffer
+        self._copied = None  # CUDA event: the last copy out of the staging buffer
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return self.weight[tokens]
         rows, stored = self.mapped
-        picked = torch.from_numpy(np.ascontiguousarray(rows[tokens.cpu().numpy()]))
+        ids = tokens.cpu().numpy()  # the forward's one host sync when tokens are on a GPU
+        if self.device.type == "cuda":
+            picked = self._staged(rows, ids, stored)
+        else:
+            picked = torch.from_numpy(np.ascontiguousarray(rows[ids]))
         if stored == torch.bfloat16:
             picked = picked.view(torch.bfloat16)
         return picked.to(dtype=self.dtype, device=self.device)  # [T, H]
+
+    def _staged(self, rows: np.memmap, ids: np.ndarray, stored: torch.dtype) -> torch.Tensor:
+        """Gather rows into a pinned staging buffer (allocated once, grown if a call needs
+        more rows) and copy them to the device without blocking: [T, H] on the device."""
+        t = len(ids)
+        if self._staging is None or self._staging.shape[0] < t:
+            raw = torch.int16 if stored == torch.bfloat16 else stored  # bf16 rows: their bits
+            self._staging = torch.empty((max(t, 512), rows.shape[1]), dtype=raw, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        self._copied.synchronize()  # the previous copy out of the buffer has finished
+        staged = self._staging[:t]
+        np.take(rows, ids, axis=0, out=staged.numpy().view(rows.dtype))
+        on_device = staged.to(self.device, non_blocking=True)
+        self._copied.record()
+        return on_device
 
 
 class Model:
@@ -88,7 +109,7 @@ class Model:
         """Run the decoder; returns final hidden states [T, H] (before the final norm)."""
         x = self.embed(tokens)  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        attn_mask = mask
+        attn_mask = fused_kernel_mask(mask, x.dtype)  # once per forward, not per layer
         for i, w in layers:
             x = self._layer(i, w, x, cos, sin, cache, slots, attn_mask, kv_len)
         return x
@@ -126,6 +147,8 @@ def attention(q, keys, values, mask) -> torch.Tensor:
     measured 2-3x faster than SDPA's masked GQA path here; long prefill chunks use SDPA."""
     hq, t, d = q.shape
     hkv = keys.shape[0]
+    if t > SMALL_QUERY and q.device.type == "cuda":
+        return fused_attention(q, keys, values, mask)
     if t > SMALL_QUERY:
         return F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, enable_gqa=hq != hkv
@@ -140,6 +163,34 @@ def attention(q, keys, values, mask) -> torch.Tensor:
         scores = scores.view(hkv, hq // hkv, t, -1).masked_fill(~mask, float("-inf"))
     probs = scores.float().softmax(-1).to(wide).view(hkv, (hq // hkv) * t, -1)
     return (probs @ values.to(wide)).view(hq, t, d).to(q.dtype)
+
+
+def fused_kernel_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask in the form `attention` takes: bool, except for more than SMALL_QUERY queries
+    on CUDA, where it is additive (0 or -inf, in `dtype`): SDPA's fused kernels take that,
+    while a bool mask with grouped heads sends them to the math kernel."""
+    if mask is None or mask.shape[0] <= SMALL_QUERY or mask.device.type != "cuda":
+        return mask
+    return additive_mask(mask, dtype)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, S] bool (True = attend) -> [T, S] 0 / -inf in `dtype`."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def fused_attention(q, keys, values, mask) -> torch.Tensor:
+    """SDPA on inputs its fused (memory-efficient, cuDNN) kernels take: K/V repeated per query
+    head instead of enable_gqa, and an additive mask ([T, S] float; a bool one is converted).
+    q: [Hq, T, D]; keys, values: [Hkv, S, D]. Returns [Hq, T, D]."""
+    group = q.shape[0] // keys.shape[0]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = additive_mask(mask, q.dtype)
+    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]
 
 
 def causal_mask(start: int, t: int, device) -> torch.Tensor:

@@ -23,6 +23,7 @@ class ModelSizes:
     draft_head_bytes: int = 0  # the draft's low-bit LM head, needed only when layers stream
     scratch_bytes: int = 0  # working buffers of the matmul kernels (layers.widened_linear)
     head_can_stream: bool = True  # False when a draft shares the target's LM head
+    workspace_bytes: int = 0  # activations, attention scores, logits, device context (CUDA)
 
 
 @dataclass
@@ -117,4 +118,5 @@ def _breakdown(
         "kv_cache": sizes.kv_bytes,
         "extra": sizes.extra_bytes,
         "matmul_scratch": sizes.scratch_bytes,
+        "workspace": sizes.workspace_bytes,
     }

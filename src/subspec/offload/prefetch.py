@@ -66,6 +66,8 @@ class Prefetcher:
     does not close the store.
     """
 
+    sync_class = None  # the CUDA ordering (None: _CudaSync); offload/stress.py removes it
+
     def __init__(
         self,
         store: SlowStore,
@@ -88,7 +90,8 @@ class Prefetcher:
         self._error: BaseException | None = None
         self._closed = False
         self._buffers = self._allocate(max(store.nbytes(u) for u in self.units))
-        self._cuda = _CudaSync(self.device, n_buffers) if self.device.type == "cuda" else None
+        sync = self.sync_class or _CudaSync
+        self._cuda = sync(self.device, n_buffers) if self.device.type == "cuda" else None
         self._threads = [
             threading.Thread(target=self._run, name=f"subspec-prefetch-{i}", daemon=True)
             for i in range(n_threads)

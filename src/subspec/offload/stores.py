@@ -2,15 +2,15 @@
 
 A store copies one unit's data region (see ``layer_file``) into a uint8 buffer on the fast
 device. ``DiskStore`` reads layer files with O_DIRECT (the page cache never holds the model);
-``PinnedHostStore`` keeps units in pinned host RAM and copies them to a CUDA device
-asynchronously.
+``PinnedHostStore`` keeps units in page-locked host RAM, packed straight from the checkpoint, and
+copies them to a CUDA device asynchronously.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from subspec.offload.layer_file import (
     layer_path,
     pack_tensors,
     plan_layout,
-    tensors_from_buffer,
 )
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -209,22 +208,34 @@ def _direct_io_works(path: Path) -> bool:
 
 
 class PinnedHostStore(SlowStore):
-    """Units packed into host RAM (pinned when CUDA is available) with the layer-file layout.
+    """Units packed into host RAM with the layer-file layout, page-locked when CUDA exists.
 
-    ``tensors_by_unit``: unit -> {name: tensor}. Each unit is packed once into one uint8 host
-    tensor [total_bytes]; ``read_into`` copies it to the destination, asynchronously on
-    ``stream`` when the destination is on CUDA.
+    ``units``: unit -> its tensors ({name: tensor}), or a function returning them, called once
+    per unit in order and dropped after packing: host RAM then holds the packed units plus one
+    unit's tensors at a time, and nothing touches the disk. Each unit gets its own 4096-aligned
+    buffer of exactly its size, page-locked with cudaHostRegister (torch's pinned allocator
+    would round every block up to a power of two). ``read_into`` copies a unit to the
+    destination, asynchronously on ``stream`` when the destination is on CUDA. ``close()``
+    unregisters the buffers.
     """
 
-    def __init__(self, tensors_by_unit: Mapping[int, Mapping[str, torch.Tensor]]):
-        pin = torch.cuda.is_available()
+    def __init__(self, units: Mapping[int, Mapping[str, torch.Tensor] | Callable[[], Mapping]]):
+        self.pinned = torch.cuda.is_available()
         self.manifests, self._host = {}, {}
-        for unit, tensors in tensors_by_unit.items():
+        for unit, source in units.items():
+            tensors = source() if callable(source) else source
             manifest = plan_layout(tensors)
-            host = torch.zeros(manifest.total_bytes, dtype=torch.uint8, pin_memory=pin)
+            host = aligned_empty(manifest.total_bytes)
             pack_tensors(tensors, manifest, host)
+            del tensors
+            if self.pinned:
+                _host_register(host)
             self.manifests[unit], self._host[unit] = manifest, host
-        self.pinned = pin
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM the packed units occupy."""
+        return sum(h.numel() for h in self._host.values())
 
     def read_into(self, unit: int, dst: torch.Tensor, stream=None) -> None:
         """Copy ``unit`` into ``dst``: on CUDA, non-blocking on ``stream`` (or the current one)."""
@@ -236,17 +247,19 @@ class PinnedHostStore(SlowStore):
         else:
             dst[: src.numel()].copy_(src)
 
+    def close(self) -> None:
+        """Unregister the page-locked buffers (idempotent); the store is unusable after."""
+        if self.pinned:
+            for host in self._host.values():
+                torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        self._host, self.pinned = {}, False
 
-def open_store(device: torch.device, directory: Path, manifests: Mapping[int, LayerManifest]):
-    """The slow tier for a fast tier on `device`: the layer files on disk (read with
-    O_DIRECT) for a CPU, the same units packed into pinned host RAM for a CUDA device."""
-    if device.type == "cpu":
-        return DiskStore(directory, manifests)
-    return PinnedHostStore({u: _read_unit(directory, u, m) for u, m in manifests.items()})
 
-
-def _read_unit(directory: Path, unit: int, manifest: LayerManifest) -> dict[str, torch.Tensor]:
-    data = torch.from_file(
-        str(layer_path(directory, unit)), size=manifest.file_bytes, dtype=torch.uint8
-    )
-    return tensors_from_buffer(data[manifest.data_offset :].clone(), manifest)
+def _host_register(host: torch.Tensor) -> None:
+    """Page-lock ``host``'s memory for asynchronous copies (cudaHostRegister)."""
+    err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
+    if int(err) != 0:
+        raise SubspecError(
+            f"cudaHostRegister of {host.numel()} bytes failed (error {int(err)}): "
+            "host RAM cannot be page-locked (check ulimit -l)"
+        )

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import os
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -85,8 +85,16 @@ def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, Qu
 
 
 def _meta_json(meta: dict) -> str:
-    full = {**meta, "format_version": FORMAT_VERSION, "hqq_version": version("hqq")}
+    full = {**meta, "format_version": FORMAT_VERSION, "hqq_version": _hqq_version()}
     return json.dumps(full, sort_keys=True)
+
+
+def _hqq_version() -> str:
+    """The installed hqq's version, or "none" (min-max rounding needs no hqq)."""
+    try:
+        return version("hqq")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:

@@ -17,12 +17,14 @@ Layouts of the quantized values held in memory (``QuantLinear.layout``):
   multiplies with ``vpdpbusd``; ~1.5x torch's int4 kernel for the draft's few rows, at about
   1% error from the int8 activations (a draft's numerics need not match the target's). Each
   group of 64 values packs into 32 bytes, byte ``j`` holding values ``j`` and ``j + 32``.
-- ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (4 bits only, 2/3
-  bits use ``bitpack`` on CUDA; this path has not been run, the dev machine has no GPU).
+- ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (bf16 only). 2/3
+  bits are held in its 4-bit nibbles, so they take 4 bits per value on CUDA (``held_bits``).
 - ``int8_rowwise``: ``int8 q - 128`` for 8 bits with one group per row (CPU), fed to
   ``_weight_int8pack_mm`` plus a rank-1 zero-point correction.
-- ``bitpack``: ``bits`` bytes per 8 values along ``in``; dequantized on every call (slow). Used
-  for grouped 8 bits and for shapes the int4 kernels reject (``out % 16``, odd group sizes).
+- ``bitpack``: ``bits`` bytes per 8 values along ``in``; dequantized on every call, in row
+  blocks of bounded size (slow). Used for grouped 8 bits (e.g. an 8-bit draft head, on CPU and
+  CUDA), for float32 on CUDA, and for shapes the int4 kernels reject (``out % 16``, odd group
+  sizes, ``in % 32`` on CUDA).
 
 The cache always stores the device-independent ``bitpack`` form.
 """
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _UNPACK_EYE_ROWS = 1024
+BITPACK_SCRATCH_ELEMENTS = 1 << 24  # the bitpack matmul's dequantized block: 64 MiB in fp32
 
 
 class QuantLinear(nn.Module):
@@ -126,11 +129,26 @@ def _choose_layout(m: QuantLinear) -> str:
     if m.bits <= 4 and m.group_size in INT4_GROUP_SIZES and m.out_features % 16 == 0:
         if not on_cuda:
             return "int4_cpu"
-        if m.bits == 4 and m.compute_dtype == torch.bfloat16:
+        if int4_cuda_fits(m.in_features, m.compute_dtype):
             return "int4_cuda"
     if m.bits == 8 and m.group_size == m.in_features and not on_cuda:
         return "int8_rowwise"
     return "bitpack"
+
+
+def int4_cuda_fits(in_features: int, compute_dtype: torch.dtype) -> bool:
+    """Whether torch's CUDA int4 kernel takes this input width and dtype (bf16 only; 2/3-bit
+    values are held in its 4-bit nibbles)."""
+    return compute_dtype == torch.bfloat16 and in_features % 32 == 0
+
+
+def held_bits(bits: int, group_size: int, out_features: int, in_features: int, dtype, device):
+    """Bits per value a QuantLinear holds in memory on ``device``: 4 for 2/3-bit values in
+    torch's CUDA int4 layout, else ``bits``."""
+    if torch.device(device).type != "cuda" or bits >= 4 or group_size not in INT4_GROUP_SIZES:
+        return bits
+    fits = out_features % 16 == 0 and int4_cuda_fits(in_features, dtype)
+    return 4 if fits else bits
 
 
 def _vnni_fits(m: QuantLinear) -> bool:
@@ -146,12 +164,14 @@ def offset(bits: int) -> int:
     return 8 if bits <= 4 else 128
 
 
-def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype) -> Tensor:
-    """``(q - off) * s + z`` in ``dtype``: ``q[out, in]`` -> ``[out, in]``."""
-    groups = q.view(m.out_features, -1, m.group_size).to(dtype)  # [out, in / g, g]
-    sz = m.scales_and_zeros.transpose(0, 1).to(dtype)  # [out, in / g, 2]
-    w = groups.sub_(offset(m.bits)).mul_(sz[..., :1]).add_(sz[..., 1:])
-    return w.view(m.out_features, m.in_features)
+def _dequantize(q: Tensor, m: QuantLinear, dtype: torch.dtype, first_row: int = 0) -> Tensor:
+    """``(q - off) * s + z`` in ``dtype``: rows ``q[r, in]`` of the weight from ``first_row``
+    -> ``[r, in]``."""
+    rows = q.shape[0]
+    groups = q.view(rows, -1, m.group_size).to(dtype)  # [r, in / g, g]
+    sz = m.scales_and_zeros[:, first_row : first_row + rows].transpose(0, 1).to(dtype)
+    w = groups.sub_(offset(m.bits)).mul_(sz[..., :1]).add_(sz[..., 1:])  # sz: [r, in / g, 2]
+    return w.view(rows, m.in_features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +368,17 @@ def _matmul_int8_rowwise(x: Tensor, m: QuantLinear) -> Tensor:
 
 
 def _matmul_bitpack(x: Tensor, m: QuantLinear) -> Tensor:
-    # float32 arithmetic then one rounding: (q - off) * s cancels against z in low precision
-    w = _dequantize(bitunpack(m.qdata, m.bits), m, torch.float32)  # [out, in]
-    return F.linear(x, w.to(m.compute_dtype))
+    """Dequantize and multiply in row blocks, so the temporaries stay under
+    BITPACK_SCRATCH_ELEMENTS fp32 values whatever the weight's size (still a full pass of
+    dequantization per call: the slow layout)."""
+    rows = max(1, BITPACK_SCRATCH_ELEMENTS // m.in_features)
+    parts = []
+    for start in range(0, m.out_features, rows):
+        q = bitunpack(m.qdata[start : start + rows], m.bits)  # [r, in]
+        # float32 arithmetic then one rounding: (q - off) * s cancels against z in low precision
+        w = _dequantize(q, m, torch.float32, start)
+        parts.append(F.linear(x, w.to(m.compute_dtype)))  # [M, r]
+    return torch.cat(parts, dim=-1)
 
 
 _PACK = {

@@ -18,7 +18,7 @@ from subspec.config import RuntimeConfig
 from subspec.errors import SubspecError
 from subspec.files import cache_root
 from subspec.hub.models import resolve_model
-from subspec.memory import current_rss_bytes, release_free_memory
+from subspec.memory import current_rss_bytes, fast_memory_budget, release_free_memory
 from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
 from subspec.model.config import ModelConfig
 from subspec.model.forward import Embedding, Model
@@ -28,19 +28,21 @@ from subspec.model.placed import PlacedModel
 from subspec.model.tokenizer import load_tokenizer
 from subspec.offload.planner import ModelSizes, Placement, plan
 from subspec.offload.prefetch import Prefetcher
-from subspec.offload.stores import open_store
+from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.progress import progress_bars
 from subspec.runtime.runtime import Runtime, Streaming
 from subspec.runtime.weights import (
-    ensure_head_files,
-    ensure_layer_files,
+    ensure_files,
     fingerprint,
+    head_sources,
     layer_nbytes,
+    layer_sources,
     load_draft_head,
     load_resident,
     load_substitutes,
     substitute_nbytes,
+    workspace_nbytes,
 )
 from subspec.spec.drafters import ModelDrafter, SharedDrafter
 
@@ -131,7 +133,9 @@ class Builder:
         return ModelSizes(
             num_layers=m.num_layers,
             layer_bytes=layer_nbytes(m, dt),
-            substitute_bytes=substitute_nbytes(m, spec.bits, spec.group_size, dt) if sub else 0,
+            substitute_bytes=(
+                substitute_nbytes(m, spec.bits, spec.group_size, dt, self.device) if sub else 0
+            ),
             embed_bytes=0 if self.cfg.map_embeddings and not self.tied else table,
             lm_head_bytes=0 if self.tied else table,
             norm_bytes=m.hidden_size * item,
@@ -142,6 +146,9 @@ class Builder:
             draft_head_bytes=self._draft_head_bytes() if sub else 0,
             scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
             head_can_stream=not (sub and spec.head_bits == 16),
+            workspace_bytes=workspace_nbytes(
+                m, max(self.cfg.prefill_chunk, spec.tree_size), self.cfg.capacity, dt, self.device
+            ),
         )
 
     def _draft_head_bytes(self) -> int:
@@ -149,12 +156,14 @@ class Builder:
         if spec.head_bits == 16:
             return 0
         return quant.quantized_nbytes(m.vocab_size, m.hidden_size, spec.head_bits,
-                                      spec.group_size, compute_dtype=self.dtype)  # fmt: skip
+                                      spec.group_size, compute_dtype=self.dtype,
+                                      device=self.device)  # fmt: skip
 
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams."""
         m, cfg = self.model_cfg, self.cfg
-        placement = plan(self.sizes(extra_bytes), cfg.memory_budget, cfg.n_buffers)
+        budget = fast_memory_budget(cfg.memory_budget, self.device)
+        placement = plan(self.sizes(extra_bytes), budget, cfg.n_buffers)
         resident = load_resident(
             self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
         )
@@ -183,23 +192,36 @@ class Builder:
         return Embedding(mapped=self.ckpt.rows(EMBED), dtype=self.dtype, device=self.device)
 
     def _stream(self, placement: Placement) -> tuple[Streaming, StreamedHead | None]:
-        """Layer files (and LM head chunks when the head streams) and their prefetcher, which
-        reads them in the order a forward pass and its logits consume them."""
+        """The slow tier (the layers, and LM head chunks when the head streams) and its
+        prefetcher, which reads units in the order a forward pass and its logits use them."""
         m, layers = self.model_cfg, placement.streamed_layers
-        directory = self.cache_dir / "layers"
-        manifests = ensure_layer_files(self.ckpt, m, layers, self.dtype, directory, self.bars)
-        head_units = []
+        sources = layer_sources(self.ckpt, m, layers, self.dtype)
+        head = {}
         if not placement.lm_head_resident:
-            head = ensure_head_files(
-                self.load_head, m, self.dtype, m.num_layers, directory, self.bars
-            )
-            manifests |= head
-            head_units = list(head)
-        store = open_store(self.device, directory, manifests)
+            head = head_sources(self.load_head, m, self.dtype, m.num_layers)
+        store = self._slow_store(sources, head)
+        head_units = list(head)
         prefetcher = Prefetcher(store, layers + head_units, self.cfg.n_buffers, self.device)
-        streamed = StreamedLayers(prefetcher, manifests, self.cfg.exact)
+        streamed = StreamedLayers(prefetcher, store.manifests, self.cfg.exact)
         streaming = Streaming(streamed, prefetcher, getattr(store, "mode", "pinned-host"))
         return streaming, StreamedHead(streamed, head_units) if head_units else None
+
+    def _slow_store(self, layers: dict, head: dict) -> SlowStore:
+        """Disk for a CPU: layer files written once, read with O_DIRECT. Pinned host RAM for
+        CUDA, packed straight from the checkpoint (no disk copy of a RAM tier)."""
+        if self.device.type == "cpu":
+            directory = self.cache_dir / "layers"
+            manifests = ensure_files(directory, layers, "writing layer files", self.bars)
+            manifests |= ensure_files(directory, head, "writing LM head chunks", self.bars)
+            return DiskStore(directory, manifests)
+        units = layers | head
+        task = self.bars.add_task("packing layers into pinned host RAM", total=len(units))
+
+        def packed(source):
+            self.bars.advance(task)
+            return source()
+
+        return PinnedHostStore({u: functools.partial(packed, f) for u, f in units.items()})
 
     def _shared_drafter(self, target: PlacedModel, placement: Placement, resident):
         """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""

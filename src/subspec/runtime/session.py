@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from subspec.memory import peak_rss_bytes, reset_peak_rss
+from subspec.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, reset_peak_rss
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats, SpecStats
 from subspec.spec.decoding import DecodeStats
@@ -19,10 +19,13 @@ class Session:
     def __init__(self, runtime: Runtime, request: Request):
         runtime.check(len(request.prompt_ids), request.max_new_tokens, request.method)
         self.runtime, self.request = runtime, request
-        self.gen = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
+        # on the runtime's device: torch.multinomial needs a generator where its input lives
+        device = runtime.target.device
+        self.gen = torch.Generator(device=device).manual_seed(request.sampling.seed)
         self.counters = DecodeStats()
         runtime.reset()
         reset_peak_rss()
+        reset_device_peak(device)
         self.started = time.perf_counter()
 
     def token_batches(self) -> Iterator[list[int]]:
@@ -60,6 +63,7 @@ class Session:
             decode_tokens_per_s=decode_tokens / decode_s,
             target_forwards=c.target_forwards,
             peak_rss_bytes=peak_rss_bytes(),
+            device_peak_bytes=device_peak_bytes(self.runtime.target.device),
             memory=self.runtime.memory_stats(),
             spec=spec,
             top2_margins=[round(m, 4) for m in c.margins[:new_tokens]] if c.margins else None,

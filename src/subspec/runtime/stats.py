@@ -47,6 +47,7 @@ class GenerationStats:
     peak_rss_bytes: int
     memory: MemoryStats
     spec: SpecStats | None = None
+    device_peak_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated
     top2_margins: list[float] | None = None  # vanilla greedy: the top-2 logit gap per token
 
     @property

@@ -17,6 +17,7 @@ from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
 from subspec.offload.layer_file import align_up, layer_path, read_manifest, write_layer_file
+from subspec.quant.linear import BITPACK_SCRATCH_ELEMENTS
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,33 @@ def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return sum(align_up(n * item) for n in numels)
 
 
-def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype) -> int:
-    """Bytes of one layer's substitute: quantized linears plus full-precision norms and bias."""
+CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
+
+
+def workspace_nbytes(cfg: ModelConfig, tokens: int, kv_len: int, dtype, device) -> int:
+    """Fast memory a forward over `tokens` rows attending to `kv_len` slots needs beyond the
+    weights and the cache, on a CUDA device (0 on CPU, whose planner counts weights only):
+    one layer's activations, fp32 attention scores and probabilities, K/V repeated per query
+    head, fp32 logits and their softmax, the bitpack matmul's block, and the CUDA context."""
+    if torch.device(device).type != "cuda":
+        return 0
+    item = torch.empty((), dtype=dtype).element_size()
+    activations = tokens * (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
+    scores = 2 * cfg.num_heads * tokens * kv_len * 4
+    repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
+    logits = 2 * tokens * cfg.vocab_size * 4
+    bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
+    return activations + scores + repeated_kv + logits + bitpack + CUDA_CONTEXT_BYTES
+
+
+def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype, device="cpu") -> int:
+    """Bytes of one layer's substitute on `device`: quantized linears (in the device's layout)
+    plus full-precision norms and bias."""
     if bits == 16:
         return layer_nbytes(cfg, dtype)
     item = torch.empty((), dtype=dtype).element_size()
     linears = sum(
-        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype)
+        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype, device=device)
         for o, i in cfg.linear_shapes.values()
     )
     extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
@@ -58,12 +79,9 @@ def load_resident(ckpt, cfg, layers, dtype, device, exact=False) -> dict[int, La
     }
 
 
-def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
-    """Write the per-layer files of `layers` once; returns {layer: manifest}."""
-    return _ensure_files(
-        directory, list(layers), lambda i: layer_tensors(ckpt, cfg, i, dtype),
-        "writing layer files", progress,
-    )  # fmt: skip
+def layer_sources(ckpt, cfg, layers, dtype) -> dict:
+    """{layer: a function reading its tensors from the checkpoint}, for a slow-tier store."""
+    return {i: functools.partial(layer_tensors, ckpt, cfg, i, dtype) for i in layers}
 
 
 def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -72,25 +90,40 @@ def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return layer_nbytes(cfg, dtype) // (cfg.hidden_size * item)
 
 
-def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
-    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
-    chunk files numbered from `first_unit`; returns {unit: manifest}."""
+def head_sources(load_head, cfg, dtype, first_unit: int) -> dict:
+    """{unit: a function returning one chunk {"weight": [rows, H]} of the LM head}, numbered
+    from `first_unit`; `load_head()` (the whole head [V, H]) is called at most once."""
     rows = head_chunk_rows(cfg, dtype)
-    n_chunks = -(-cfg.vocab_size // rows)
-    units = list(range(first_unit, first_unit + n_chunks))
     load_once = functools.cache(load_head)
 
     def chunk(unit: int) -> dict[str, torch.Tensor]:
         start = (unit - first_unit) * rows
         return {"weight": load_once()[start : start + rows]}  # [rows, H]
 
-    return _ensure_files(directory, units, chunk, "writing LM head chunks", progress)
+    n_chunks = -(-cfg.vocab_size // rows)
+    units = range(first_unit, first_unit + n_chunks)
+    return {u: functools.partial(chunk, u) for u in units}
 
 
-def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> dict:
+def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Progress | None):
+    """Write the per-layer files of `layers` once; returns {layer: manifest}."""
+    sources = layer_sources(ckpt, cfg, layers, dtype)
+    return ensure_files(directory, sources, "writing layer files", progress)
+
+
+def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
+    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
+    chunk files numbered from `first_unit`; returns {unit: manifest}."""
+    sources = head_sources(load_head, cfg, dtype, first_unit)
+    return ensure_files(directory, sources, "writing LM head chunks", progress)
+
+
+def ensure_files(directory: Path, sources: dict, label: str, progress) -> dict:
+    """Write a layer file for every unit of `sources` ({unit: () -> tensors}) that has no
+    valid one in `directory`; returns {unit: manifest}."""
     directory.mkdir(parents=True, exist_ok=True)
     manifests, missing = {}, []
-    for i in units:
+    for i in sources:
         path = layer_path(directory, i)
         try:
             manifests[i] = read_manifest(path)
@@ -101,7 +134,7 @@ def _ensure_files(directory: Path, units, tensors_of, label: str, progress) -> d
             missing.append(i)
     task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
-        manifests[i] = write_layer_file(layer_path(directory, i), tensors_of(i))
+        manifests[i] = write_layer_file(layer_path(directory, i), sources[i]())
         if task is not None and progress:
             progress.advance(task)
     return manifests
@@ -115,25 +148,27 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
     if spec.bits == 16:
         return load_resident(ckpt, cfg, layers, dtype, device)
     meta = _quant_meta(spec, spec.bits, dtype)
-    cached = {i: quant.load_quantized(directory / f"layer_{i:05d}.safetensors", meta)
+    # cached substitutes load straight into the device's layout
+    cached = {i: quant.load_quantized(directory / f"layer_{i:05d}.safetensors", meta, device)
               for i in layers}  # fmt: skip
     missing = [i for i in layers if cached[i] is None]
     task = progress and missing and progress.add_task(
         f"quantizing {len(missing)} layers to {spec.bits}-bit", total=len(missing))  # fmt: skip
-    for i in missing:
+    for i in missing:  # quantized on the CPU (no device temporaries), then moved
         t = layer_tensors(ckpt, cfg, i, dtype)
-        cached[i] = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
-                                     spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
+        linears = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
+                                   spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
-        quant.save_quantized(directory / f"layer_{i:05d}.safetensors", cached[i], meta)
+        quant.save_quantized(directory / f"layer_{i:05d}.safetensors", linears, meta)
+        cached[i] = {name: linear.to(device) for name, linear in linears.items()}
         if task is not None and progress:
             progress.advance(task)
-    subs = {}
-    for i in layers:
-        tensors = {k: v.to(device) for k, v in layer_norms(ckpt, cfg, i, dtype).items()}
-        linears = {name: cached[i][name].to(device) for name in LINEAR_NAMES}
-        subs[i] = substitute_layer(tensors, linears)
-    return subs
+    return {
+        i: substitute_layer(
+            {k: v.to(device) for k, v in layer_norms(ckpt, cfg, i, dtype).items()}, cached[i]
+        )
+        for i in layers
+    }
 
 
 def _quant_meta(spec, bits: int, dtype) -> dict[str, str]:
@@ -150,12 +185,13 @@ def load_draft_head(load_weight, shape, dtype, device, spec, path, progress):
     """The draft's LM head: a low-bit copy of the weight [V, H] = `shape` that `load_weight()`
     returns (called only when the copy cached at `path` is missing or stale)."""
     meta = {"shape": str(tuple(shape)), **_quant_meta(spec, spec.head_bits, dtype)}
-    head = quant.load_quantized(path, meta)
-    if head is None:
-        task = progress and progress.add_task("quantizing the draft LM head", total=1)
-        weight = load_weight().to(device)
-        head = {"lm_head": _quantize(weight, None, spec, spec.head_bits, dtype)}
-        quant.save_quantized(path, head, meta)
-        if task is not None and progress:
-            progress.advance(task)
-    return head["lm_head"].to(device)
+    head = quant.load_quantized(path, meta, device)
+    if head is not None:
+        return head["lm_head"]
+    task = progress and progress.add_task("quantizing the draft LM head", total=1)
+    # on the CPU: quantizing on the device would need 3-4x the head's size in temporaries
+    head = _quantize(load_weight().cpu(), None, spec, spec.head_bits, dtype)
+    quant.save_quantized(path, {"lm_head": head}, meta)
+    if task is not None and progress:
+        progress.advance(task)
+    return head.to(device)

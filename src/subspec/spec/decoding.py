@@ -48,6 +48,14 @@ class DecodeStats:
         self.round_s.append(draft_s + verify_s + overlap_s)
 
 
+def _clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: CUDA runs asynchronously,
+    so an unsynchronised timer would measure only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
     """Run the prompt through an empty cache in chunks; returns the last position's logits [V]."""
     cache = target.cache
@@ -104,7 +112,7 @@ def speculative(
     builder = None  # the next tree, when drafted ahead
     while True:
         start = cache.length
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         if builder is None:
             builder = TreeBuilder(pending, spec.depth, spec.width, spec.draft_temperature,
                                   drafter.step, device, base=start)  # fmt: skip
@@ -115,7 +123,7 @@ def speculative(
             builder.step()
         drafted = builder.tree()
         tree = drafted.prune(spec.verify_nodes) if spec.verify_nodes else drafted
-        t1 = time.perf_counter()
+        t1 = _clock(device)
         ahead = None
         if spec.overlap and streamed is not None:
             ahead = Lookahead(drafted, start, spec, drafter.step, device)
@@ -125,17 +133,19 @@ def speculative(
                 start + tree.size,
             )  # fmt: skip
             logits = target.logits(hidden)
-        path, bonus = walk(tree, logits, sampling, gen)
-        t2 = time.perf_counter()
+        verdict = walk(tree, logits, sampling, gen)
+        t2 = _clock(device)
         overlap_s = ahead.work_s if ahead else 0.0
-        stats.add_round(t1 - t0, t2 - t1 - overlap_s, overlap_s, len(path))
-        path_t = torch.tensor(path, dtype=torch.long, device=device)
+        stats.add_round(t1 - t0, t2 - t1 - overlap_s, overlap_s, verdict.accepted)
+        nodes = verdict.nodes  # [a] on device
         cache.advance(1)  # the root, verified at slot `start`
-        cache.accept(path_t + start)
-        drafted_path = tree.origin[path_t]
+        cache.accept(nodes + start)
+        drafted_path = tree.origin[nodes]
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
-        builder = ahead.take(drafted_path.tolist(), bonus, drafter) if ahead else None
         if ahead:
+            builder = ahead.take(drafted_path.tolist(), verdict.bonus, drafter)
             stats.lookahead_steps += ahead.steps
-        pending = bonus
-        yield tree.tokens[path].tolist() + [bonus]
+        else:
+            builder = None
+        pending = verdict.bonus
+        yield verdict.tokens
