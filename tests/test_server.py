@@ -36,6 +36,8 @@ def test_models_and_health():
         "status": "ok",
         "model": "tiny-fake",
         "method": "subspec",
+        "busy": False,
+        "queued": 0,
     }
 
 
