@@ -102,6 +102,7 @@ def cmd_generate(args) -> None:
     s = final.stats
     if args.json:
         stats = {**s.to_dict(), "finish_reason": final.finish_reason}
+        tokens = tokens[: s.new_tokens]  # a stop string may end inside tokens already passed on
         print(json.dumps({"text": "".join(pieces), "token_ids": tokens, "stats": stats}))
     else:
         print()

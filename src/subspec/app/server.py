@@ -82,11 +82,18 @@ class SamplingRequest(BaseModel):
     def unsupported(self) -> list[str]:
         """Extra fields that would change the answer: anything not neutral nor ignorable."""
         extra = self.model_extra or {}
-        return sorted(k for k, v in extra.items() if k not in IGNORED and v not in NEUTRAL)
+        return sorted(k for k, v in extra.items() if k not in IGNORED and not _neutral(k, v))
 
 
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
-NEUTRAL = (None, False, 0, 1, "", [], {})  # logprobs false, penalties 0, best_of 1, ...
+
+
+def _neutral(key: str, value) -> bool:
+    """Whether a field's value asks for nothing: logprobs false, penalties 0, best_of 1, ..."""
+    if value is None or value is False or value in ("", [], {}):
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and (value == 0 or (key == "best_of" and value == 1))
 
 
 class ChatRequest(SamplingRequest):

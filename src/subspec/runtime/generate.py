@@ -49,9 +49,10 @@ class TextStream:
         delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
 
-    def stop_at(self) -> int | None:
-        """Where the first stop string starts in the text, or None."""
-        hits = [i for s in self.stop if (i := self.text.find(s, max(self.sent - len(s), 0))) >= 0]
+    def stop_at(self, start: int) -> int | None:
+        """Where the first stop string starts in the text at or after `start` (what was shown
+        before the last `add`: text that could begin a stop string is held back), or None."""
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
     def tokens_before(self, end: int) -> int:
@@ -91,9 +92,9 @@ def _events(session: Session) -> Iterator[Event]:
         ids, reason = _apply_limits(ids, emitted, request.max_new_tokens, runtime.eos_ids)
         shown = text.sent
         delta = text.add(ids)
-        hit = text.stop_at() if request.stop else None
-        if hit is not None:
-            kept = max(text.tokens_before(hit), emitted)
+        hit = text.stop_at(shown) if request.stop else None
+        if hit is not None:  # tokens already passed on but wholly inside the stop don't count
+            kept = text.tokens_before(hit)
             yield Event(text.text[shown:hit], text.ids[emitted:kept])
             emitted, reason = kept, "stop"
             break
