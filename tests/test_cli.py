@@ -107,3 +107,62 @@ def test_unknown_model_name_lists_known(capsys):
 def test_models_list(capsys):
     code, out, _ = run(capsys, "models", "list")
     assert code == 0 and "qwen2.5-coder-1.5b-instruct" in out
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--device", "tpu"), "--device"),
+        (("--stop", ""), "--stop"),
+        (("--draft-model", "x"), "--draft-model"),
+        (("--context", "100000"), "max_position_embeddings of 512"),
+        (("--memory-budget", "1kB"), "smallest budget of each method"),
+        (("--max-new-tokens", "0"), "--max-new-tokens"),
+    ],
+)
+def test_bad_flags_are_one_line_refusals(capsys, tiny_model_dir, extra, needle):
+    code, _, err = run(capsys, *gen(tiny_model_dir, *extra))
+    assert_clean_error(code, err, needle)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(("--port", "70000"), "--port"), (("--host", "no.such.host.invalid"), "--host")],
+)
+def test_bad_serve_address_is_a_refusal(capsys, tiny_model_dir, extra, needle):
+    code, _, err = run(capsys, "serve", "--model", str(tiny_model_dir), *extra)
+    assert_clean_error(code, err, needle)
+
+
+def test_kv_cache_that_cannot_fit_is_refused(capsys, tiny_model_dir, monkeypatch):
+    import subspec.runtime.build as build
+
+    monkeypatch.setattr(build, "available_bytes", lambda device: 1000)
+    code, _, err = run(capsys, *gen(tiny_model_dir))
+    assert_clean_error(code, err, "KV cache", "needs")
+
+
+def test_plan_reads_no_weights_and_names_minimums(capsys, tiny_model_dir, monkeypatch):
+    from subspec.model.checkpoint import Checkpoint
+
+    def no_reads(*a, **k):
+        raise AssertionError("plan read a weight")
+
+    monkeypatch.setattr(Checkpoint, "get", no_reads)
+    code, out, _ = run(capsys, "plan", "--model", str(tiny_model_dir), "--memory-budget", "900kB",
+                       "--dtype", "float32", "--json")  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    assert set(report["methods"]) == {"vanilla", "subspec"}
+    for entry in report["methods"].values():
+        assert entry["minimum_budget_bytes"] > 0 and entry["minimum_dominated_by"]
+    code, _, err = run(capsys, "plan", "--model", str(tiny_model_dir), "--memory-budget", "1kB")
+    assert_clean_error(code, err, "vanilla", "subspec", "biggest parts")
+
+
+def test_memory_budget_auto_and_help_defaults(capsys, tiny_model_dir):
+    code, out, err = run(capsys, *gen(tiny_model_dir, "--memory-budget", "auto", "--json"))
+    assert code == 0 and "--memory-budget auto =" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "(default: 64)" in " ".join(capsys.readouterr().out.split())

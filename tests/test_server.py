@@ -36,6 +36,8 @@ def test_models_and_health():
         "status": "ok",
         "model": "tiny-fake",
         "method": "subspec",
+        "busy": False,
+        "queued": 0,
     }
 
 
@@ -167,7 +169,7 @@ def test_concurrent_requests_decode_one_at_a_time():
 
 
 def test_end_to_end_on_the_tiny_model(tiny_model_dir):
-    runtime = make_runtime(tiny_model_dir, ("vanilla", "subspec"), context=4096)
+    runtime = make_runtime(tiny_model_dir, ("vanilla", "subspec"), context=512)  # its maximum
     client = client_for(runtime, "subspec")
     request_body = {**CHAT, "max_tokens": 8}
     plain = client.post("/v1/chat/completions", json=request_body).json()

@@ -16,6 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("vanilla", "subspec", "classic")  # decoding methods of the runtime
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NUMERICS = ("exact", "fast")
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class RuntimeConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     memory_budget: int | None = None  # bytes of fast memory; None = no limit
-    context: int = 4096  # committed tokens the KV cache holds (prompt + output)
+    context: int | None = DEFAULT_CONTEXT  # committed tokens the KV cache holds (prompt +
+    # output); None: DEFAULT_CONTEXT or the model's max_position_embeddings when smaller
     methods: tuple[str, ...] = ("vanilla",)  # which drafts to prepare
     spec: SpecConfig = field(default_factory=SpecConfig)
     draft_model: str | None = None  # classic speculation's draft
@@ -133,7 +135,7 @@ class RuntimeConfig:
             raise SubspecError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         if "classic" in self.methods and not self.draft_model:
             raise SubspecError("method classic needs --draft-model")
-        if self.context < 16:
+        if self.context is not None and self.context < 16:
             raise SubspecError(f"context must be >= 16 tokens, got {self.context}")
         if self.numerics not in (None, *NUMERICS):
             raise SubspecError(

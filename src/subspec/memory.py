@@ -68,3 +68,34 @@ def device_peak_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return None
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """Fast memory free now: MemAvailable on CPU, torch.cuda.mem_get_info on CUDA."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+AUTO_MARGIN_FRACTION = 0.10  # --memory-budget auto keeps 10% of the free memory free ...
+AUTO_MARGIN_MIN = 1 << 30  # ... and at least 1 GiB, for the process, the OS and page cache
+
+
+def auto_margin(free: int) -> int:
+    """What `--memory-budget auto` leaves free out of `free` bytes."""
+    return max(int(free * AUTO_MARGIN_FRACTION), AUTO_MARGIN_MIN)
+
+
+def auto_budget(device: str = "cpu") -> int:
+    """The budget `--memory-budget auto` stands for: free memory minus `auto_margin`."""
+    free = available_bytes(device)
+    return max(free - auto_margin(free), 0)

@@ -4,34 +4,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
-from subspec.app.options import model_args, runtime_config, sampling_args, sampling_config
+from subspec.app.options import (
+    check_args,
+    memory_budget,
+    model_args,
+    runtime_config,
+    sampling_args,
+    sampling_config,
+)
 from subspec.config import default_method, format_size, methods_to_load
 from subspec.errors import SubspecError
 
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="subspec", description=__doc__)
+    parser = argparse.ArgumentParser(prog="subspec", description=__doc__, formatter_class=HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text from one prompt")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=HELP)
+
+    gen = add("generate", help="generate text from one prompt")
     model_args(gen)
     sampling_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
-    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat = add("chat", help="interactive chat in the terminal")
     model_args(chat)
     sampling_args(chat)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve = add("serve", help="OpenAI-compatible HTTP server")
     model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait; more get HTTP 503")  # fmt: skip
+    serve.add_argument("--max-request-bytes", default="1MiB",
+                       help="largest request body; larger ones get HTTP 413")  # fmt: skip
 
-    bench = sub.add_parser("bench", help="compare methods side by side")
+    plan = add("plan", help="show each method's placement under a budget, reading no weights")
+    model_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    bench = add("bench", help="compare methods side by side")
     model_args(bench)
     bench.add_argument(
         "--methods", default="vanilla,hf", help="comma list: vanilla,subspec,classic,hf"
@@ -42,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench.json")
 
-    models = sub.add_parser("models", help="list or pull the catalogue's models")
+    models = add("models", help="list or pull the catalogue's models")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="show the catalogue and what is pulled")
     pull = msub.add_parser("pull", help="fetch and convert a model")
@@ -81,6 +102,7 @@ def cmd_generate(args) -> None:
     s = final.stats
     if args.json:
         stats = {**s.to_dict(), "finish_reason": final.finish_reason}
+        tokens = tokens[: s.new_tokens]  # a stop string may end inside tokens already passed on
         print(json.dumps({"text": "".join(pieces), "token_ids": tokens, "stats": stats}))
     else:
         print()
@@ -113,9 +135,19 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from subspec.app.server import serve
+    from subspec.config import parse_size
 
+    if args.max_queue < 0:
+        raise SubspecError(f"--max-queue must be >= 0, got {args.max_queue}")
+    max_bytes = parse_size(args.max_request_bytes)
     with load_runtime(args) as runtime:  # settles args.method
-        serve(runtime, args.host, args.port, method=args.method)
+        serve(runtime, args.host, args.port, args.method, args.max_queue, max_bytes)
+
+
+def cmd_plan(args) -> None:
+    from subspec.app.plan import run_plan
+
+    run_plan(args)
 
 
 def cmd_bench(args) -> None:
@@ -129,13 +161,24 @@ COMMANDS = {
     "chat": cmd_chat,
     "serve": cmd_serve,
     "bench": cmd_bench,
+    "plan": cmd_plan,
     "models": cmd_models,
 }
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every `with` closes what it opened
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 1 runtime error, 2 bad input, 130 interrupted."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if hasattr(args, "device"):
+            check_args(args)
+            if (args.memory_budget or "").strip().lower() == "auto":
+                args.memory_budget = str(memory_budget(args))
         COMMANDS[args.command](args)
     except SubspecError as e:
         print(f"subspec: error: {e}", file=sys.stderr)
@@ -143,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nsubspec: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure of the runtime, not of the input
+        print(f"subspec: error: {type(e).__name__}: {e} (a bug? please report it)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
+import socket
+import sys
 
 from subspec.config import (
+    DEFAULT_CONTEXT,
     DEFAULT_MODEL,
     DTYPES,
     METHODS,
@@ -12,8 +16,13 @@ from subspec.config import (
     RuntimeConfig,
     SamplingConfig,
     SpecConfig,
+    format_size,
     parse_size,
 )
+from subspec.errors import SubspecError
+from subspec.memory import auto_budget, auto_margin, available_bytes
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -21,8 +30,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL, help="catalogue name, local dir or hub id")
     g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--memory-budget", default=None, help="fast-memory budget, e.g. 1.2GB, 900MiB")
-    g.add_argument("--context", type=int, default=4096, help="max prompt + output tokens")
+    g.add_argument("--memory-budget", default=None,
+                   help="fast-memory budget, e.g. 1.2GB, 900MiB, or auto (free memory minus "
+                   "10%%, at least 1 GiB); default: no limit")  # fmt: skip
+    g.add_argument("--context", type=int, default=None,
+                   help=f"max prompt + output tokens (default: {DEFAULT_CONTEXT}, or the "
+                   "model's max_position_embeddings when smaller)")  # fmt: skip
     g.add_argument("--numerics", default=None, choices=NUMERICS,
                    help="exact: bf16 output identical for every method (default on CPU); "
                    "fast: torch's kernels (default on CUDA)")  # fmt: skip
@@ -55,6 +68,54 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def check_args(args) -> None:
+    """Refuse flag values the parser cannot check alone (SubspecError, exit 2)."""
+    if not _DEVICE.fullmatch(args.device):
+        raise SubspecError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if any(not s for s in getattr(args, "stop", ())):
+        raise SubspecError("--stop must not be empty")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise SubspecError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft_model and args.method != "classic" and "classic" not in _bench_methods(args):
+        raise SubspecError("--draft-model is used only by --method classic; add it or drop it")
+    if hasattr(args, "port"):
+        check_listen(args.host, args.port)
+
+
+def _bench_methods(args) -> list[str]:
+    return getattr(args, "methods", "").split(",")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a port out of range, a host that does not resolve, or an address in use."""
+    if not 0 < port < 65536:
+        raise SubspecError(f"--port must be in 1..65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SubspecError(f"--host {host!r} does not resolve: {e}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise SubspecError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def memory_budget(args) -> int | None:
+    """--memory-budget in bytes: a size, `auto` (stated on stderr), or None (no limit)."""
+    if args.memory_budget is None:
+        return None
+    if args.memory_budget.strip().lower() != "auto":
+        return parse_size(args.memory_budget)
+    free = available_bytes(args.device)
+    budget = auto_budget(args.device)
+    print(f"subspec: --memory-budget auto = {format_size(budget)} ({format_size(free)} free on "
+          f"{args.device} minus a margin of {format_size(auto_margin(free))})",
+          file=sys.stderr)  # fmt: skip
+    return budget
+
+
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
         depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
@@ -71,7 +132,7 @@ def sampling_config(args) -> SamplingConfig:
 
 
 def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
-    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    budget = memory_budget(args)
     return RuntimeConfig(
         model=args.model, dtype=args.dtype, device=args.device, memory_budget=budget,
         context=args.context, methods=methods, spec=spec_config(args),

@@ -1,37 +1,44 @@
 """An OpenAI-compatible HTTP server over one runtime.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
-`stream` as server-sent events) and `GET /health`. The runtime decodes one request at a time;
-concurrent requests wait on a lock. Bad requests get HTTP 400 with an OpenAI-style error body.
+Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
+`POST /v1/completions` (both with `stream` as server-sent events) and `GET /health`. One worker
+thread decodes one request at a time, first come first served (app/queue.py); a client that
+disconnects is dropped at once. Refusals get OpenAI's error body: 400 for a bad request, 404
+for an unknown model, 413 for a body over the limit, 503 when the queue is full.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import closing
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from subspec.app.http import ApiError, BodyLimit
+from subspec.app.queue import END, Job, QueueFull, Worker
 from subspec.config import SamplingConfig, default_method
 from subspec.errors import SubspecError
 from subspec.model.tokenizer import encode, encode_messages
-from subspec.runtime.generate import Event, stream_generate
+from subspec.runtime.generate import Event
 from subspec.runtime.runtime import Request
 
 HIDDEN_STATS = ("accept_lengths", "placement")  # too bulky for every response
+MAX_REQUEST_BYTES = 1 << 20
+RETRY_AFTER_S = 5
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 
 
 class TextPart(BaseModel):
@@ -55,19 +62,38 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """The fields both completion endpoints share; unknown OpenAI fields are ignored."""
+    """The fields both completion endpoints share. Other OpenAI fields are refused by name
+    unless they hold their neutral value (see `unsupported`)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension to the OpenAI API
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # an extension to the OpenAI API
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+
+    def unsupported(self) -> list[str]:
+        """Extra fields that would change the answer: anything not neutral nor ignorable."""
+        extra = self.model_extra or {}
+        return sorted(k for k, v in extra.items() if k not in IGNORED and not _neutral(k, v))
+
+
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+
+
+def _neutral(key: str, value) -> bool:
+    """Whether a field's value asks for nothing: logprobs false, penalties 0, best_of 1, ..."""
+    if value is None or value is False or value in ("", [], {}):
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and (value == 0 or (key == "best_of" and value == 1))
 
 
 class ChatRequest(SamplingRequest):
@@ -78,59 +104,31 @@ class CompletionRequest(SamplingRequest):
     prompt: str
 
 
-@dataclass(frozen=True)
-class Job:
-    """One validated generation request."""
+def make_request(runtime, method: str, req: SamplingRequest, prompt_ids: list[int]) -> Request:
+    """Validate a request against the runtime; raises SubspecError for a bad one.
 
-    request: Request
-    include_usage: bool
-
-
-class Runner:
-    """The runtime behind a lock: one generation at a time."""
-
-    def __init__(self, runtime, method: str):
-        self.runtime, self.method = runtime, method
-        self.lock = threading.Lock()
-
-    def job(self, req: SamplingRequest, prompt_ids: list[int]) -> Job:
-        """Validate a request against the runtime; raises SubspecError for a bad one.
-
-        Defaults when the request leaves a field out: temperature 0 (greedy), top_p 1, top_k 0
-        (off), a random seed, and max tokens = the rest of the context.
-        """
-        room = self.runtime.cfg.context - len(prompt_ids)
-        max_new = req.max_completion_tokens or req.max_tokens or max(room, 1)
-        sampling = SamplingConfig(
-            temperature=0.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            seed=random.randrange(2**63) if req.seed is None else req.seed,
-        )
-        request = Request(prompt_ids, self.method, max_new, sampling, _stops(req.stop))
-        self.runtime.check(len(prompt_ids), max_new, self.method)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(request, usage)
-
-    def events(self, job: Job) -> Iterator[Event]:
-        """The generation's events, holding the runtime until they end or are abandoned."""
-        with self.lock:
-            with closing(stream_generate(self.runtime, job.request)) as gen:
-                yield from gen
-
-    def complete(self, job: Job) -> tuple[str, Event]:
-        """Run a job to the end: the whole text and the final event."""
-        pieces, final = [], None
-        for ev in self.events(job):
-            pieces.append(ev.text)
-            final = ev
-        return "".join(pieces), final
+    Defaults when the request leaves a field out: temperature 0 (greedy), top_p 1, top_k 0
+    (off), a random seed, and max tokens = the rest of the context.
+    """
+    if fields := req.unsupported():
+        raise ApiError(f"unsupported field(s): {', '.join(fields)}", param=fields[0])
+    room = runtime.cfg.context - len(prompt_ids)
+    max_new = req.max_completion_tokens or req.max_tokens or max(room, 1)
+    sampling = SamplingConfig(
+        temperature=0.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=random.randrange(2**63) if req.seed is None else req.seed,
+    )
+    request = Request(prompt_ids, method, max_new, sampling, _stops(req.stop))
+    runtime.check(len(prompt_ids), max_new, method)
+    return request
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop or []
     if any(not s for s in stops):
-        raise SubspecError("stop strings must not be empty")
+        raise ApiError("stop strings must not be empty", param="stop")
     return tuple(stops)
 
 
@@ -171,19 +169,51 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _error_body(message: str, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+def _error_body(message: str, kind: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _stream(
-    runner: Runner, job: Job, base: dict, choice: Callable, head: tuple[dict, ...] = ()
-) -> Iterator[str]:
+async def _job_events(job: Job, http: HttpRequest) -> AsyncIterator[Event]:
+    """A job's events as the worker produces them; cancels the job when the client leaves
+    (polled while waiting) or when the consumer stops early."""
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(job.channel.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    return
+                continue
+            if item is END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        job.cancel()
+
+
+async def _complete(job: Job, http: HttpRequest) -> tuple[str, Event]:
+    """Run a job to the end: the whole text and the final event."""
+    pieces, final = [], None
+    async for ev in _job_events(job, http):
+        pieces.append(ev.text)
+        final = ev
+    if final is None or final.stats is None:  # the client left
+        raise ApiError("the client disconnected", status=499)
+    return "".join(pieces), final
+
+
+async def _stream(
+    job: Job, http: HttpRequest, base: dict, choice: Callable, include_usage: bool,
+    head: tuple[dict, ...] = (),
+) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: `head` choices, one chunk per text delta, the finish, [DONE]."""
     for c in head:
         yield _sse({**base, "choices": [c]})
     final = None
     try:
-        for ev in runner.events(job):
+        async for ev in _job_events(job, http):
             if ev.text:
                 yield _sse({**base, "choices": [choice(ev.text, None)]})
             final = ev
@@ -191,11 +221,27 @@ def _stream(
         yield _sse(_error_body(str(e)))
         yield _sse("[DONE]")
         return
-    finish = {**base, "choices": [choice(None, _finish(final))], "subspec": _subspec(final)}
-    yield _sse(finish)
-    if job.include_usage:
+    if final is None or final.stats is None:  # the client left
+        return
+    yield _sse({**base, "choices": [choice(None, _finish(final))], "subspec": _subspec(final)})
+    if include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(final)})
     yield _sse("[DONE]")
+
+
+class JobStream(StreamingResponse):
+    """A streamed response that cancels its job however the response ends (a failed send to a
+    client that went away included)."""
+
+    def __init__(self, job: Job, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 def _base(prefix: str, obj: str, model: str) -> dict:
@@ -207,10 +253,6 @@ def _base(prefix: str, obj: str, model: str) -> dict:
     }
 
 
-def _sse_response(events: Iterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream")
-
-
 def _validation_message(error: dict) -> str:
     if error["type"] == "json_invalid":
         return f"the body is not valid JSON: {error.get('ctx', {}).get('error', '')}"
@@ -220,12 +262,22 @@ def _validation_message(error: dict) -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SubspecError)
     def bad_request(request, exc: SubspecError) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc)), status_code=400)
+        status, param, code = 400, None, None
+        if isinstance(exc, ApiError):
+            status, param, code = exc.status, exc.param, exc.code
+        headers = {}
+        if isinstance(exc, QueueFull):
+            status, code, headers = 503, "queue_full", {"Retry-After": str(RETRY_AFTER_S)}
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = _error_body(str(exc), kind, param, code)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request, exc: RequestValidationError) -> JSONResponse:
-        message = "; ".join(_validation_message(e) for e in exc.errors())
-        return JSONResponse(_error_body(message), status_code=400)
+        errors = exc.errors()
+        message = "; ".join(_validation_message(e) for e in errors)
+        param = ".".join(str(x) for x in errors[0]["loc"][1:]) or None if errors else None
+        return JSONResponse(_error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
     def http_error(request, exc: HTTPException) -> JSONResponse:
@@ -237,38 +289,86 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_error_body(f"internal error: {exc!r}", "server_error"), 500)
 
 
-def create_app(runtime, method: str) -> FastAPI:
-    """The FastAPI app serving `runtime` with decoding `method`.
+class Service:
+    """What the endpoints share: the runtime, its method, its names and its worker."""
 
-    Sampling fields: temperature (default 0, greedy), top_p (default 1), top_k (an extension,
-    default 0 = off), seed (default random), stop (a string or a list), max_tokens or
-    max_completion_tokens (default: the rest of the context). Non-streamed responses carry a
-    `subspec` field with the decoding statistics (method, tau, decode tokens/s, ...); streamed
-    responses carry it on the chunk with the finish_reason.
+    def __init__(self, runtime, method: str, max_queue: int):
+        self.runtime, self.method = runtime, method
+        self.model = runtime.cfg.model
+        self.names = {self.model, Path(self.model).name}
+        self.worker = Worker(runtime, max_queue)
+
+    def card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": 0, "owned_by": "subspec"}
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise ApiError(
+                f"the model {name!r} does not exist; this server serves {self.model!r}",
+                status=404, param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def submit(self, req: SamplingRequest, prompt_ids: list[int]) -> Job:
+        """Validate and queue a request (ApiError, SubspecError or QueueFull)."""
+        self.check_model(req.model)
+        request = make_request(self.runtime, self.method, req, prompt_ids)
+        job = Job(request, asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    def health(self) -> dict:
+        worker = self.worker
+        return {"status": "ok", "model": self.model, "method": self.method,
+                "busy": worker.busy, "queued": worker.queued}  # fmt: skip
+
+
+def create_app(
+    runtime, method: str, max_queue: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES
+) -> FastAPI:
+    """The FastAPI app serving `runtime` with decoding `method`; `app.state.service.worker`
+    is the generation thread (close it when done).
+
+    Sampling fields: temperature (default 0, greedy; 0..2), top_p (default 1), top_k (an
+    extension, default 0 = off), seed (default random), stop (a string or a list), max_tokens
+    or max_completion_tokens (default: the rest of the context). Non-streamed responses carry
+    a `subspec` field with the decoding statistics (method, tau, decode tokens/s, ...);
+    streamed responses carry it on the chunk with the finish_reason.
     """
-    runner = Runner(runtime, method)
-    model = runtime.cfg.model
+    service = Service(runtime, method, max_queue)
     app = FastAPI(title="subspec", description=__doc__)
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+def _add_routes(app: FastAPI, service: Service) -> None:
+    runtime, model = service.runtime, service.model
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model, "method": method}
+        return service.health()
 
     @app.get("/v1/models")
     def models() -> dict:
-        card = {"id": model, "object": "model", "created": 0, "owned_by": "subspec"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [service.card()]}
+
+    @app.get("/v1/models/{name:path}")
+    def model_card(name: str) -> dict:
+        service.check_model(name)
+        return service.card()
 
     @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
-        job = runner.job(req, _chat_prompt(runtime, req.messages))
+    async def chat_completions(req: ChatRequest, http: HttpRequest):
+        job = service.submit(req, _chat_prompt(runtime, req.messages))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             base = _base("chatcmpl", "chat.completion.chunk", model)
             role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}  # fmt: skip
-            return _sse_response(_stream(runner, job, base, _chat_choice, (role,)))
-        text, final = runner.complete(job)
+            return JobStream(job, _stream(job, http, base, _chat_choice, usage, (role,)))
+        text, final = await _complete(job, http)
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(final)}
         return {
@@ -279,12 +379,13 @@ def create_app(runtime, method: str) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
-        job = runner.job(req, encode(runtime.tokenizer, req.prompt, chat=False))
+    async def completions(req: CompletionRequest, http: HttpRequest):
+        job = service.submit(req, encode(runtime.tokenizer, req.prompt, chat=False))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
         base = _base("cmpl", "text_completion", model)
         if req.stream:
-            return _sse_response(_stream(runner, job, base, _text_choice))
-        text, final = runner.complete(job)
+            return JobStream(job, _stream(job, http, base, _text_choice, usage))
+        text, final = await _complete(job, http)
         return {
             **base,
             "choices": [_text_choice(text, _finish(final))],
@@ -292,16 +393,32 @@ def create_app(runtime, method: str) -> FastAPI:
             "subspec": _subspec(final),
         }
 
-    return app
 
+def serve(runtime, host: str, port: int, method: str | None = None, max_queue: int = 64,
+          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:  # fmt: skip
+    """Serve `runtime` over HTTP until SIGINT/SIGTERM (method: default_method if None).
 
-def serve(runtime, host: str, port: int, method: str | None = None) -> None:
-    """Serve `runtime` over HTTP until interrupted (method: default_method(runtime) if None)."""
+    On a signal every job is cancelled at once, open streams end, and the worker thread is
+    joined before this returns.
+    """
     import uvicorn
 
     method = method or default_method(runtime.methods, runtime.placement.streams)
+    app = create_app(runtime, method, max_queue, max_request_bytes)
+    worker = app.state.service.worker
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            worker.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=2)  # fmt: skip
     shown = f"[{host}]" if ":" in host else host
-    print(f"subspec: serving {runtime.cfg.model} ({method}) at http://{shown}:{port}/v1",
-          file=sys.stderr)  # fmt: skip
+    print(f"subspec: serving {runtime.cfg.model} ({method}) at http://{shown}:{port}/v1 "
+          f"(queue up to {max_queue}; Ctrl-C stops)", file=sys.stderr)  # fmt: skip
     print(runtime.placement.summary(), file=sys.stderr)
-    uvicorn.run(create_app(runtime, method), host=host, port=port)
+    try:
+        Server(config).run()
+    finally:
+        worker.close()

@@ -95,12 +95,25 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
                 budget, layers[:resident], layers[resident:], tied and head, n_buffers,
                 sizes.layer_bytes, parts, lm_head_resident=head,
             )  # fmt: skip
-    head = heads[-1]
-    minimum = sum(_breakdown(sizes, 0, n_buffers, tied and head, head).values())
+    parts = minimum_parts(sizes, n_buffers)
+    minimum = sum(parts.values())
     raise SubspecError(
         f"memory budget {format_size(budget)} is below this model's minimum of "
-        f"{format_size(minimum)} ({minimum} bytes) with these settings"
+        f"{format_size(minimum)} ({minimum} bytes) with these settings; the biggest parts: "
+        f"{biggest(parts)}"
     )
+
+
+def minimum_parts(sizes: ModelSizes, n_buffers: int = 2) -> dict[str, int]:
+    """The fast-memory parts at the smallest budget that any placement of `sizes` fits."""
+    head = not sizes.head_can_stream  # the LM head stays resident only when it must
+    return _breakdown(sizes, 0, n_buffers, sizes.lm_head_bytes == 0 and head, head)
+
+
+def biggest(parts: dict[str, int], n: int = 3) -> str:
+    """The `n` largest parts, e.g. 'kv_cache 1.20 GB, lm_head 466.88 MB, ...'."""
+    top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:n]
+    return ", ".join(f"{k} {format_size(v)}" for v, k in top)
 
 
 def _breakdown(

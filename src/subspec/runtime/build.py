@@ -14,11 +14,16 @@ import torch
 from rich.progress import Progress
 
 from subspec import quant
-from subspec.config import RuntimeConfig
+from subspec.config import DEFAULT_CONTEXT, METHODS, RuntimeConfig, format_size, methods_to_load
 from subspec.errors import SubspecError
 from subspec.files import cache_root
 from subspec.hub.models import resolve_model
-from subspec.memory import current_rss_bytes, fast_memory_budget, release_free_memory
+from subspec.memory import (
+    available_bytes,
+    current_rss_bytes,
+    fast_memory_budget,
+    release_free_memory,
+)
 from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
 from subspec.model.config import ModelConfig
 from subspec.model.forward import Embedding, Model
@@ -26,7 +31,7 @@ from subspec.model.kv_cache import KVCache
 from subspec.model.layers import LayerSource, dense, widen_scratch_bytes
 from subspec.model.placed import PlacedModel
 from subspec.model.tokenizer import load_tokenizer
-from subspec.offload.planner import ModelSizes, Placement, plan
+from subspec.offload.planner import ModelSizes, Placement, minimum_parts, plan
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
 from subspec.offload.streamed import StreamedHead, StreamedLayers
@@ -51,8 +56,11 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     """Load cfg.model under cfg.memory_budget with the drafts for cfg.methods."""
     model_dir = resolve_model(cfg.model, progress=progress)
     model_cfg = ModelConfig.from_dir(model_dir)
+    cfg = resolve_context(cfg, model_cfg)
     tokenizer = load_tokenizer(model_dir)
     rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
+    with Checkpoint(model_dir) as ckpt:  # headers only: refuse an impossible plan before loading
+        plan_checked(cfg, ckpt, model_cfg, _draft_bytes(cfg, model_cfg))
     classic = _classic_draft(cfg, model_cfg, progress) if "classic" in cfg.methods else None
     extra = classic.placement.resident_bytes if classic else 0
     with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
@@ -71,6 +79,82 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     )  # fmt: skip
 
 
+def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:
+    """cfg with its context settled: DEFAULT_CONTEXT capped at the model's
+    max_position_embeddings when unset; a context above that maximum is refused."""
+    most = model_cfg.max_position_embeddings
+    if cfg.context is None:
+        return replace(cfg, context=min(DEFAULT_CONTEXT, most))
+    if cfg.context > most:
+        raise SubspecError(
+            f"--context {cfg.context} is above the model's max_position_embeddings of {most}"
+        )
+    return cfg
+
+
+def plan_checked(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                 extra_bytes: int = 0) -> Placement:  # fmt: skip
+    """The placement for cfg, from headers only (no weight is read), refusing a KV cache
+    that cannot fit in free memory and a budget below the minimum (naming each method's)."""
+    sizes = Builder(cfg, ckpt, model_cfg, None).sizes(extra_bytes)
+    check_kv_fits(cfg, sizes)
+    try:
+        return plan(sizes, cfg.memory_budget, cfg.n_buffers)
+    except SubspecError as e:
+        mins = method_minimums(cfg, ckpt, model_cfg)
+        each = ", ".join(f"{m} {format_size(b)}" for m, b in mins.items())
+        raise SubspecError(f"{e}; the smallest budget of each method: {each}") from None
+
+
+def check_kv_fits(cfg: RuntimeConfig, sizes: ModelSizes) -> None:
+    """Refuse a KV cache larger than the memory free on the device now."""
+    free = available_bytes(cfg.device)
+    if sizes.kv_bytes > free:
+        raise SubspecError(
+            f"the KV cache for --context {cfg.context} needs {format_size(sizes.kv_bytes)}, but "
+            f"only {format_size(free)} of memory is available on {cfg.device}; lower --context"
+        )
+
+
+def method_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                 method: str) -> ModelSizes:  # fmt: skip
+    """The sizes of a runtime that runs `method` (its draft included), from headers only."""
+    m_cfg = replace(cfg, methods=methods_to_load(method))
+    return Builder(m_cfg, ckpt, model_cfg, None).sizes(_draft_bytes(m_cfg, model_cfg))
+
+
+def method_minimums(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig) -> dict:
+    """Method -> the smallest budget it runs in (classic only with a draft model)."""
+    out = {}
+    for method in METHODS:
+        if method == "classic" and not cfg.draft_model:
+            continue
+        sizes = method_sizes(cfg, ckpt, model_cfg, method)
+        out[method] = sum(minimum_parts(sizes, cfg.n_buffers).values())
+    return out
+
+
+def _draft_bytes(cfg: RuntimeConfig, target_cfg: ModelConfig) -> int:
+    """Bytes classic speculation's draft keeps resident (0 without it), from headers only."""
+    if "classic" not in cfg.methods:
+        return 0
+    draft_cfg = _draft_config(cfg)
+    model_dir = resolve_model(draft_cfg.model, progress=False)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    draft_cfg = resolve_context(draft_cfg, model_cfg)
+    with Checkpoint(model_dir) as ckpt:
+        return plan(Builder(draft_cfg, ckpt, model_cfg, None).sizes(), None).resident_bytes
+
+
+def _draft_config(cfg: RuntimeConfig) -> RuntimeConfig:
+    """Classic speculation's draft, configured like a target: everything resident, embedding
+    rows read on demand (they need not take budget)."""
+    return replace(
+        cfg, model=cfg.draft_model, memory_budget=None, methods=("vanilla",),
+        draft_model=None, map_embeddings=True,
+    )  # fmt: skip
+
+
 def _eos_ids(model_cfg: ModelConfig, tokenizer) -> frozenset[int]:
     ids = set(model_cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
@@ -79,12 +163,8 @@ def _eos_ids(model_cfg: ModelConfig, tokenizer) -> frozenset[int]:
 
 
 def _classic_draft(cfg: RuntimeConfig, target_cfg: ModelConfig, progress: bool) -> Loaded:
-    """Classic speculation's draft, built like a target: everything resident, embedding rows
-    read on demand (they need not take budget)."""
-    draft_cfg = replace(
-        cfg, model=cfg.draft_model, memory_budget=None, methods=("vanilla",),
-        draft_model=None, map_embeddings=True,
-    )  # fmt: skip
+    """Classic speculation's draft, loaded (see _draft_config)."""
+    draft_cfg = _draft_config(cfg)
     model_dir = resolve_model(draft_cfg.model, progress=progress)
     model_cfg = ModelConfig.from_dir(model_dir)
     if model_cfg.vocab_size != target_cfg.vocab_size:
@@ -92,6 +172,7 @@ def _classic_draft(cfg: RuntimeConfig, target_cfg: ModelConfig, progress: bool) 
             f"draft model {cfg.draft_model} has vocabulary {model_cfg.vocab_size}, "
             f"the target {target_cfg.vocab_size}: they must share a tokenizer"
         )
+    draft_cfg = resolve_context(draft_cfg, model_cfg)
     with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
         return Builder(draft_cfg, ckpt, model_cfg, bars).load()
 

@@ -25,10 +25,11 @@ class Event:
 
 
 class TextStream:
-    """Incremental detokenization that never emits half a multi-byte character."""
+    """Incremental detokenization that never shows half a multi-byte character, nor text that
+    could be the start of a stop string; finds the first stop string."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop, self.ids, self.sent = tokenizer, stop, [], 0
         self.text = ""  # all ids decoded so far
 
     def add(self, ids: list[int]) -> str:
@@ -37,8 +38,41 @@ class TextStream:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.text.endswith("\ufffd"):
             return ""
+        end = len(self.text) - self._held_back()
+        delta, self.sent = self.text[self.sent : end], max(end, self.sent)
+        return delta
+
+    def flush(self) -> str:
+        """The text held back for a possible stop string, at the end of generation."""
+        if self.text.endswith("\ufffd"):
+            return ""
         delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
+
+    def stop_at(self, start: int) -> int | None:
+        """Where the first stop string starts in the text at or after `start` (what was shown
+        before the last `add`: text that could begin a stop string is held back), or None."""
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def tokens_before(self, end: int) -> int:
+        """The fewest leading tokens whose text reaches `end`: the tokens whose text (or part
+        of it) is shown when the text is cut at `end`."""
+        lo, hi = 0, len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(self.ids[:mid], skip_special_tokens=True)) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that begins some stop string."""
+        for n in range(min(max(map(len, self.stop), default=1) - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stop):
+                return n
+        return 0
 
 
 def stream_generate(runtime: Runtime, request: Request) -> Iterator[Event]:
@@ -49,34 +83,39 @@ def stream_generate(runtime: Runtime, request: Request) -> Iterator[Event]:
 
 
 def _events(session: Session) -> Iterator[Event]:
+    """Limits in order, per committed batch: the token limit cuts the batch first, then its
+    first EOS, then the first stop string; only the tokens whose text is shown are counted."""
     runtime, request = session.runtime, session.request
-    text_stream = TextStream(runtime.tokenizer)
-    out: list[int] = []
-    reason = None
+    text = TextStream(runtime.tokenizer, request.stop)
+    emitted, reason = 0, None
     for ids in session.token_batches():
-        ids, reason = _apply_stops(ids, len(out), request.max_new_tokens, runtime.eos_ids)
-        out.extend(ids)
-        delta = text_stream.add(ids)
-        if request.stop and (hit := _find_stop(text_stream.text, request.stop)) is not None:
-            yield Event(text_stream.text[text_stream.sent - len(delta) : hit], ids)
-            reason = "stop"
+        ids, reason = _apply_limits(ids, emitted, request.max_new_tokens, runtime.eos_ids)
+        shown = text.sent
+        delta = text.add(ids)
+        hit = text.stop_at(shown) if request.stop else None
+        if hit is not None:  # tokens already passed on but wholly inside the stop don't count
+            kept = text.tokens_before(hit)
+            yield Event(text.text[shown:hit], text.ids[emitted:kept])
+            emitted, reason = kept, "stop"
             break
+        emitted += len(ids)
+        if reason:
+            delta += text.flush()
         yield Event(delta, ids)
         if reason:
             break
-    yield Event("", [], finish_reason=reason, stats=session.stats(len(out)))
+    else:  # the method ran out of room before any limit
+        if tail := text.flush():
+            yield Event(tail, [])
+    yield Event("", [], finish_reason=reason, stats=session.stats(emitted))
 
 
-def _apply_stops(ids, emitted, limit, eos_ids) -> tuple[list[int], str | None]:
+def _apply_limits(ids, emitted, limit, eos_ids) -> tuple[list[int], str | None]:
+    """The batch cut to the room left, then after its first EOS."""
+    room = limit - emitted
+    reason = "length" if len(ids) >= room else None
+    ids = ids[:room]
     for i, t in enumerate(ids):
         if t in eos_ids:
             return ids[: i + 1], "stop"
-    room = limit - emitted
-    if len(ids) >= room:
-        return ids[:room], "length"
-    return ids, None
-
-
-def _find_stop(text: str, stop: tuple[str, ...]) -> int | None:
-    hits = [i for s in stop if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
+    return ids, reason
