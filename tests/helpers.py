@@ -3,6 +3,7 @@ builder with test defaults, and a fake runtime for the server and chat tests."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,11 +11,13 @@ from types import SimpleNamespace
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
+    MistralConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    Qwen2ForCausalLM,
+    Qwen3Config,
 )
 
 from subspec.config import RuntimeConfig, SamplingConfig, SpecConfig
@@ -90,26 +93,67 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def write_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A random 3-layer LlamaForCausalLM (tied embeddings, float32) plus tokenizer at `path`."""
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _family_config(family: str, tokenizer) -> PretrainedConfig:
+    """transformers' own config of a tiny model of `family`, with the features that set the
+    family apart (and non-default RoPE theta and norm eps, so a value read wrongly shows)."""
+    common = {**_SHAPE, **_special_ids(tokenizer)}
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "mistral":
+        return MistralConfig(
+            **common, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 50_000.0},
+        )  # fmt: skip
+    if family == "qwen2":  # qkv bias, untied head
+        return Qwen2Config(
+            **common, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )  # fmt: skip
+    if family == "qwen3":  # q/k norms; head_dim 32 != hidden / heads (16)
+        return Qwen3Config(
+            **common, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )  # fmt: skip
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def _perturb(model, seed: int) -> None:
+    """Random values in what starts at zero or one (biases, norm weights), so that a bias or
+    a norm the loader drops, or applies in the wrong place, changes the logits."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith(".bias"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif "norm" in name:
+                t.copy_(1.0 + torch.randn(t.shape, generator=g) * 0.2)
+
+
+def write_tiny(family: str, path: Path, seed: int = 0, perturb: bool = True) -> Path:
+    """A random 3-layer float32 model of `family` (llama: tied embeddings; mistral: untied;
+    qwen2: qkv bias, untied head; qwen3: q/k norms, head_dim 32) plus tokenizer at `path`;
+    `perturb`: random biases and norm weights instead of transformers' zeros and ones."""
     tokenizer = build_tokenizer()
-    config = LlamaConfig(**_SHAPE, **_special_ids(tokenizer), tie_word_embeddings=True)
+    config = _family_config(family, tokenizer)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    if perturb:
+        _perturb(model, seed)
     return _save(model, tokenizer, path)
+
+
+def write_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A random 3-layer LlamaForCausalLM (tied embeddings, float32, norms at one) plus
+    tokenizer at `path`: the model most tests run on."""
+    return write_tiny("llama", path, seed, perturb=False)
 
 
 def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
     """A random 3-layer Qwen2ForCausalLM (qkv bias, untied lm_head, float32) plus tokenizer."""
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(**_SHAPE, **_special_ids(tokenizer), tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():  # biases start at zero; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.02)
-    return _save(model, tokenizer, path)
+    return write_tiny("qwen2", path, seed)
 
 
 def make_runtime(model_dir, methods=("vanilla",), budget=None, dtype="float32", spec=None,
@@ -121,6 +165,18 @@ def make_runtime(model_dir, methods=("vanilla",), budget=None, dtype="float32", 
         numerics=numerics,
     )  # fmt: skip
     return build_runtime(cfg, progress=False)
+
+
+def minimum_budget(model_dir, methods=("vanilla",), dtype="float32", spec=None) -> int:
+    """The smallest memory budget this model accepts, read from the refusal of a smaller one."""
+    try:
+        make_runtime(model_dir, methods, budget=1, dtype=dtype, spec=spec)
+    except SubspecError as e:
+        found = re.search(r"below this model's minimum.*?\((\d+) bytes\)", str(e))
+        if found:
+            return int(found.group(1))
+        raise
+    raise AssertionError("a budget of one byte was accepted")
 
 
 def generate(runtime, method, prompt, max_new=24, sampling=None):

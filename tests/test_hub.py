@@ -316,6 +316,7 @@ def test_unknown_name_pull():
 # ---------------------------------------------------------------- real models
 
 
+@pytest.mark.slow  # pulled from the package registry
 def test_real_smollm2_pull(smollm2_dir):
     from transformers import AutoTokenizer
 
@@ -331,6 +332,7 @@ def test_real_smollm2_pull(smollm2_dir):
     assert "<|im_start|>user\nhi<|im_end|>" in text
 
 
+@pytest.mark.slow  # a model pulled from the package registry
 @pytest.mark.skipif(not hub.is_ready("qwen2.5-coder-0.5b-instruct"), reason="not pulled here")
 def test_pulled_qwen_has_untied_lm_head():
     path = hub.model_dir("qwen2.5-coder-0.5b-instruct")

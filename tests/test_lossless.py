@@ -1,16 +1,15 @@
 """Speculative decoding is lossless: greedy output equals vanilla greedy (fp32), bf16
 divergences sit at near-ties, and sampling matches vanilla's distribution."""
 
-import re
 import time
 
 import pytest
 import torch
 from helpers import generate as generate_from
 from helpers import make_runtime, write_tiny_llama
+from helpers import minimum_budget as minimum_budget_of
 
 from subspec.config import SamplingConfig, SpecConfig
-from subspec.errors import SubspecError
 from subspec.offload.stores import DiskStore
 
 PROMPTS = ["hello world", "this is a test", "the tiny tokenizer is a test of the world"]
@@ -27,9 +26,7 @@ def generate(runtime, method, prompt, max_new=24, sampling=GREEDY):
 
 
 def minimum_budget(model_dir, methods, dtype="float32") -> int:
-    with pytest.raises(SubspecError, match="below this model's minimum") as err:
-        make_engine(model_dir, methods, budget=1, dtype=dtype)
-    return int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
+    return minimum_budget_of(model_dir, methods, dtype, SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +198,15 @@ def test_identical_draft_drafted_ahead_is_used(tiny_model_dir, full_bytes, slow_
     tokens, stats = generate(engine, "classic", PROMPTS[0], max_new=1 + 5 * 4)
     assert stats.spec.accept_lengths == [4] * 4
     assert stats.spec.lookahead_hits == 3
+
+
+def test_qwen2_greedy_identical(tiny_qwen2_model_dir):
+    """Qwen2 (qkv bias, untied LM head): subspec, with layers streaming, gives vanilla's
+    greedy tokens."""
+    vanilla = make_engine(tiny_qwen2_model_dir, ("vanilla",))
+    full_bytes = vanilla.placement.resident_bytes
+    budget = max(int(0.6 * full_bytes), minimum_budget(tiny_qwen2_model_dir, ("subspec",)))
+    engine = make_engine(tiny_qwen2_model_dir, ("subspec",), budget)
+    assert engine.placement.streams
+    for prompt in PROMPTS:
+        assert generate(engine, "subspec", prompt)[0] == generate(vanilla, "vanilla", prompt)[0]

@@ -127,45 +127,81 @@ def test_prune_keeps_best_nodes_with_their_ancestors_renumbered():
     assert tree.prune(100) is tree
 
 
-def _onehot(rows, vocab=4):
+def _onehot(rows, vocab=6):
     logits = torch.zeros(len(rows), vocab)
     for i, t in enumerate(rows):
         logits[i, t] = 10.0
     return logits
 
 
-def test_walk_greedy_follows_target_and_returns_bonus():
-    # root(0) -> a:1 (node1), b:2 (node2); node1 -> 3 (node3)
-    tree = _tree([0, 1, 2, 3], [-1, 0, 0, 1])
+# root(0) -> 1 (node 1), 2 (node 2); node 1 -> 3 (node 3); node 2 -> 3 (node 4), 4 (node 5);
+# node 5 -> 1 (node 6). Tokens repeat across branches, so only the node says which is meant.
+WALK_TREE = ([0, 1, 2, 3, 3, 4, 1], [-1, 0, 0, 1, 2, 2, 5])
+# the target's choice at each node: a different token at every node
+CHOICES = [2, 3, 4, 5, 0, 1, 5]
+
+
+def test_walk_greedy_follows_each_nodes_own_logits():
+    tree = _tree(*WALK_TREE)
     greedy = SamplingConfig()
-    for rows, path, emitted in [
-        ([1, 3, 0, 2], [1, 3], [1, 3, 2]),
-        ([2, 0, 1, 0], [2], [2, 1]),
-        ([3, 0, 0, 0], [], [3]),
-        ([1, 0, 0, 0], [1], [1, 0]),  # node1's pick 0 is no child: bonus
-    ]:
-        verdict = walk(tree, _onehot(rows), greedy, None)
-        assert (verdict.nodes.tolist(), verdict.tokens) == (path, emitted)
+    logits = _onehot(CHOICES)
+    want = ([2, 5, 6], 5)  # 0 -(2)-> node 2 -(4)-> node 5 -(1)-> node 6, which says 5
+    assert _walk(tree, logits, greedy, None) == want
+    # a walk that read another node's row would go elsewhere: rows by depth, by parent, by
+    # the node's token, by the previous or next index, or always the root's
+    n = tree.size
+    wrong_rows = {
+        "depth": tree.depths,
+        "parent": tree.parents.clamp(min=0),
+        "token": tree.tokens,
+        "previous": (torch.arange(n) - 1).clamp(min=0),
+        "next": (torch.arange(n) + 1) % n,
+        "root": torch.zeros(n, dtype=torch.long),
+    }
+    for name, rows in wrong_rows.items():
+        assert _walk(tree, logits[rows], greedy, None) != want, name
+    # stopping early: the bonus is the choice of the node where the walk stops
+    stop_at_node_2 = list(CHOICES)
+    stop_at_node_2[2] = 0
+    assert _walk(tree, _onehot(stop_at_node_2), greedy, None) == ([2], 0)
+    stop_at_node_3 = [1, 3, 4, 2, 0, 1, 5]
+    assert _walk(tree, _onehot(stop_at_node_3), greedy, None) == ([1, 3], 2)
+    assert _walk(tree, _onehot([5, 3, 4, 5, 0, 1, 5]), greedy, None) == ([], 5)
 
 
 def test_walk_sampling_is_the_target_distribution():
+    """Each emitted token follows the distribution of the node it is drawn at: the first the
+    root's, the second node 1's or node 2's, depending on the first."""
     tree = _tree([0, 1, 2], [-1, 0, 0])
-    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 3))
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])
     cfg = SamplingConfig(temperature=1.0)
     gen = torch.Generator().manual_seed(0)
     first = torch.zeros(4)
-    for _ in range(4000):
-        first[walk(tree, logits, cfg, gen).tokens[0]] += 1
-    assert torch.allclose(first / 4000, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03)
+    second = torch.zeros(3, 4)  # by the node drawn at
+    for _ in range(6000):
+        path, bonus = _walk(tree, probs.log(), cfg, gen)
+        assert len(path) <= 1
+        first[tree.tokens[path[0]] if path else bonus] += 1
+        if path:
+            second[path[0], bonus] += 1
+    assert torch.allclose(first / first.sum(), probs[0], atol=0.03)
+    for node in (1, 2):
+        got = second[node] / second[node].sum()
+        assert torch.allclose(got, probs[node], atol=0.05), (node, got)
 
 
 def test_sampling_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
-    probs = logits.softmax(-1)[0]  # 0.09, 0.66, 0.24, 0.03
-    kept = ~torch.isinf(apply_top_p(logits, 0.7))
-    assert kept.tolist() == [[False, True, True, False]]
-    assert probs[1] < 0.7
+    # probabilities 0.09, 0.66, 0.24, 0.03: top-p keeps the fewest tokens reaching p
+
+    def kept(p):
+        return (~torch.isinf(apply_top_p(logits, p))).tolist()
+
+    assert kept(0.6) == [[False, True, False, False]]
+    assert kept(0.7) == [[False, True, True, False]]  # 0.66 alone falls short
+    assert kept(0.95) == [[True, True, True, False]]
+    assert kept(1.0) == [[True, True, True, True]]
     p = target_probs(logits, SamplingConfig(temperature=0.5, top_k=3))
     assert p[0, 3] == 0 and abs(float(p.sum()) - 1) < 1e-6
 
@@ -280,3 +316,9 @@ def test_small_query_attention_matches_sdpa():
     got = attention(q, k, v, mask)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
+
+
+def _walk(tree, logits, cfg, gen) -> tuple[list[int], int]:
+    """(accepted nodes, bonus token) of a walk."""
+    verdict = walk(tree, logits, cfg, gen)
+    return verdict.nodes.tolist(), verdict.bonus
