@@ -103,7 +103,9 @@ def test_stat_line():
     stats = GenerationStats("vanilla", 3, 5, 0.1, 0.4, 12.345, 4, 0, memory)
     assert stat_line(Event("", [], "stop", stats)) == "[5 tokens, 12.35 tok/s]"
     spec = replace(
-        stats, method="subspec", spec=SpecStats(2.5, 0.1, 0.2, 0.0, 4, 0, 2, 1, [1, 2], [0.1, 0.2])
+        stats,
+        method="subspec",
+        spec=SpecStats(2.5, 0.1, 0.2, 0.0, 4, 0, 2.0, 1, [2, 2], [1, 2], [0.1, 0.2]),
     )
     line = stat_line(Event("", [], "length", spec))
     assert line == "[5 tokens, 12.35 tok/s, tau 2.50, cut at --max-new-tokens]"

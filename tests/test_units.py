@@ -322,3 +322,23 @@ def _walk(tree, logits, cfg, gen) -> tuple[list[int], int]:
     """(accepted nodes, bonus token) of a walk."""
     verdict = walk(tree, logits, cfg, gen)
     return verdict.nodes.tolist(), verdict.bonus
+
+
+def test_depth_chooser_follows_acceptance_and_costs():
+    from subspec.spec.shape import START_DEPTH, DepthChooser
+
+    assert DepthChooser(SpecConfig(depth=7)).depth() == 7
+    chooser = DepthChooser(SpecConfig(max_depth=32))
+    assert chooser.depth() == START_DEPTH  # nothing measured yet
+    for _ in range(4):  # every round accepts its whole tree: deeper pays
+        chooser.observe(16, 16, draft_s=1.6, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
+    deep = chooser.depth()
+    assert deep > 16
+    poor = DepthChooser(SpecConfig(max_depth=32))
+    for accepted in (0, 1, 0, 2):  # the draft is rarely right: shallow trees pay
+        poor.observe(16, accepted, draft_s=1.6, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
+    assert poor.depth() < 4
+    slow = DepthChooser(SpecConfig(max_depth=32))
+    for _ in range(4):  # the same acceptance with draft steps 10x dearer: shallower
+        slow.observe(16, 16, draft_s=16.0, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
+    assert slow.depth() < deep

@@ -46,8 +46,9 @@ class SpecConfig:
     """Tree drafting settings (see DESIGN.md: D, k, T_d)."""
 
     # CPU defaults, chosen by measurement (README): the paper's GPU shape is D=48, k=6
-    depth: int = 16
+    depth: int | None = None  # None: chosen every round from measured costs (spec/shape.py)
     width: int = 2
+    max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
     draft_temperature: float = 0.2
     verify_nodes: int = 0  # verify only the best-scoring nodes of the drafted tree (0 = all)
     bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
@@ -59,7 +60,7 @@ class SpecConfig:
     overlap: bool = True  # draft the next tree while the verification pass waits for weights
 
     def __post_init__(self) -> None:
-        if self.depth < 1 or self.width < 1:
+        if (self.depth is not None and self.depth < 1) or self.width < 1 or self.max_depth < 1:
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
         if self.verify_nodes < 0:
             raise SubspecError(f"verify nodes must be >= 0, got {self.verify_nodes}")
@@ -72,7 +73,8 @@ class SpecConfig:
 
     @property
     def tree_size(self) -> int:
-        return 1 + self.depth * self.width
+        """Nodes of the largest tree a round may draft."""
+        return 1 + (self.depth or self.max_depth) * self.width
 
     @property
     def cache_slots(self) -> int:

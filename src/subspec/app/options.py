@@ -43,7 +43,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("speculation")
     s.add_argument("--method", default=None, choices=METHODS,
                    help="default: subspec when the model streams, else vanilla")  # fmt: skip
-    s.add_argument("--depth", type=int, default=SpecConfig.depth, help="tree depth D")
+    s.add_argument("--depth", type=_depth, default="auto",
+                   help="tree depth D, or auto: chosen every round from this machine's measured "
+                   "draft, verification and transfer times and the acceptance so far")  # fmt: skip
+    s.add_argument("--max-depth", type=int, default=SpecConfig.max_depth,
+                   help="the deepest tree --depth auto may choose")  # fmt: skip
     s.add_argument("--width", type=int, default=SpecConfig.width, help="tree width k")
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
     s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
@@ -118,7 +122,8 @@ def memory_budget(args) -> int | None:
 
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
-        depth=args.depth, width=args.width, draft_temperature=args.draft_temperature,
+        depth=args.depth, max_depth=args.max_depth, width=args.width,
+        draft_temperature=args.draft_temperature,
         verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
         overlap=not args.no_overlap,
@@ -138,3 +143,13 @@ def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
         context=args.context, methods=methods, spec=spec_config(args),
         draft_model=args.draft_model, numerics=args.numerics,
     )  # fmt: skip
+
+
+def _depth(text: str) -> int | None:
+    """--depth: a positive integer, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None

@@ -198,8 +198,9 @@ def run_model(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
         or None,
         "subspec": {
             "tokens_per_s": sub.decode_tokens_per_s, "tau": s.tau, "rounds": rounds,
-            "depth": spec.depth, "width": spec.width, "tree_size": spec.tree_size,
-            "draft_step_s": s.draft_s / (rounds * spec.depth), "verify_s": s.verify_s / rounds,
+            "depth": s.depth, "width": s.width, "tree_size": 1 + round(s.depth * s.width),
+            "draft_step_s": (s.draft_s + s.overlap_s) / max(s.draft_steps, 1),
+            "overlap_s": s.overlap_s / rounds, "verify_s": s.verify_s / rounds,
             "transfer_wait_s": sub.memory.transfer_wait_s / rounds,
             "round_s": sub.decode_s / rounds,
             "speedup_vs_vanilla": sub.decode_tokens_per_s / vanilla.decode_tokens_per_s,

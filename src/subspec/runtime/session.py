@@ -49,8 +49,9 @@ class Session:
                 overlap_s=round(c.overlap_s, 4),
                 draft_steps=c.draft_steps + c.lookahead_steps,
                 lookahead_hits=c.lookahead_hits,
-                depth=shape.depth,
+                depth=round(sum(c.depths) / len(c.depths), 2) if c.depths else 0.0,
                 width=shape.width,
+                depths=list(c.depths),
                 accept_lengths=list(c.accept_lengths),
                 round_s=[round(r, 4) for r in c.round_s],
             )

@@ -27,8 +27,9 @@ class SpecStats:
     overlap_s: float  # drafting done while verification passes waited for weights
     draft_steps: int  # draft forwards in all (in the open and drafted ahead)
     lookahead_hits: int  # rounds whose tree had been drafted ahead
-    depth: int  # tree shape
+    depth: float  # tree shape: the mean depth of the rounds (chosen each round with auto)
     width: int
+    depths: list[int]  # each round's tree depth
     accept_lengths: list[int]  # accepted draft tokens per round
     round_s: list[float]  # wall time of each round
 

@@ -19,6 +19,7 @@ from subspec.model.forward import causal_mask
 from subspec.model.placed import PlacedModel
 from subspec.spec.lookahead import Lookahead
 from subspec.spec.sampling import choose
+from subspec.spec.shape import DepthChooser
 from subspec.spec.tree import TreeBuilder
 from subspec.spec.verify import walk
 
@@ -37,9 +38,12 @@ class DecodeStats:
     lookahead_hits: int = 0  # rounds whose tree was drafted ahead
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
     round_s: list[float] = field(default_factory=list)  # wall time of each round
+    depths: list[int] = field(default_factory=list)  # tree depth of each round
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
-    def add_round(self, draft_s: float, verify_s: float, overlap_s: float, accepted: int):
+    def add_round(self, draft_s: float, verify_s: float, overlap_s: float, accepted: int,
+                  depth: int) -> None:  # fmt: skip
+        self.depths.append(depth)
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.overlap_s += overlap_s
@@ -110,15 +114,16 @@ def speculative(
     cache, device, streamed = target.cache, target.device, target.layers.streamer
     yield [pending]
     builder = None  # the next tree, when drafted ahead
+    chooser = DepthChooser(spec)
     while True:
         start = cache.length
         t0 = _clock(device)
         if builder is None:
-            builder = TreeBuilder(pending, spec.depth, spec.width, spec.draft_temperature,
+            builder = TreeBuilder(pending, chooser.depth(), spec.width, spec.draft_temperature,
                                   drafter.step, device, base=start)  # fmt: skip
         else:
             stats.lookahead_hits += 1
-        stats.draft_steps += builder.depth - builder.level
+        open_steps = builder.depth - builder.level
         while not builder.done:
             builder.step()
         drafted = builder.tree()
@@ -126,7 +131,8 @@ def speculative(
         t1 = _clock(device)
         ahead = None
         if spec.overlap and streamed is not None:
-            ahead = Lookahead(drafted, start, spec, drafter.step, device)
+            ahead = Lookahead(drafted, start, spec, chooser.depth(), drafter.step, device)
+        wait0 = streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
         with streamed.while_waiting(ahead.work) if ahead else nullcontext():
             hidden = target.forward(
                 tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
@@ -135,17 +141,19 @@ def speculative(
             logits = target.logits(hidden)
         verdict = walk(tree, logits, sampling, gen)
         t2 = _clock(device)
-        overlap_s = ahead.work_s if ahead else 0.0
-        stats.add_round(t1 - t0, t2 - t1 - overlap_s, overlap_s, verdict.accepted)
+        wait_s = (streamed.prefetcher.stats.wait_s if streamed is not None else 0.0) - wait0
+        overlap_s, ahead_steps = (ahead.work_s, ahead.steps) if ahead else (0.0, 0)
+        draft_s, verify_s = t1 - t0, t2 - t1 - overlap_s
+        stats.add_round(draft_s, verify_s, overlap_s, verdict.accepted, builder.depth)
+        stats.draft_steps += open_steps
+        stats.lookahead_steps += ahead_steps
+        chooser.observe(builder.depth, verdict.accepted, draft_s + overlap_s,
+                        open_steps + ahead_steps, tree.size, verify_s, wait_s)  # fmt: skip
         nodes = verdict.nodes  # [a] on device
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
         drafted_path = tree.origin[nodes]
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
-        if ahead:
-            builder = ahead.take(drafted_path.tolist(), verdict.bonus, drafter)
-            stats.lookahead_steps += ahead.steps
-        else:
-            builder = None
+        builder = ahead.take(drafted_path.tolist(), verdict.bonus, drafter) if ahead else None
         pending = verdict.bonus
         yield verdict.tokens

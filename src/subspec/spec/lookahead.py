@@ -20,8 +20,11 @@ from subspec.spec.tree import DraftStep, Tree, TreeBuilder
 class Lookahead:
     """The next round's tree, drafted ahead of the walk on a guess about its outcome."""
 
-    def __init__(self, drafted: Tree, start: int, spec: SpecConfig, step: DraftStep, device):
-        self.drafted, self.start, self.spec = drafted, start, spec
+    def __init__(
+        self, drafted: Tree, start: int, spec: SpecConfig, depth: int, step: DraftStep, device
+    ):  # fmt: skip
+        """`depth`: the next tree's depth."""
+        self.drafted, self.start, self.spec, self.depth = drafted, start, spec, depth
         self.step_fn, self.device = step, device
         last = drafted.depths == drafted.depths.max()
         scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
@@ -63,7 +66,7 @@ class Lookahead:
         self.guess = int(logits[0].argmax())
         spec = self.spec
         self.builder = TreeBuilder(
-            self.guess, spec.depth, spec.width, spec.draft_temperature, self.step_fn,
+            self.guess, self.depth, spec.width, spec.draft_temperature, self.step_fn,
             self.device, base=kv_len, pos0=s + depth + 1, context=context,
         )  # fmt: skip
 
