@@ -10,16 +10,20 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
     prompts.write_text('{"prompt": "hello world"}\n{"prompt": "this is a test"}\n')
     out = tmp_path / "bench.json"
     code = main([
-        "bench", "--model", str(tiny_model_dir), "--methods", "vanilla,subspec,classic,hf",
+        "bench", "--model", str(tiny_model_dir),
+        "--methods", "vanilla,subspec,subspec@no-overlap+depth2,classic,hf",
         "--draft-model", str(tiny_model_dir), "--prompts-file", str(prompts), "--samples", "2",
         "--max-new-tokens", "8", "--memory-budget", "700kB", "--context", "256",
         "--dtype", "float32", "--depth", "3", "--width", "2", "--out", str(out),
+        "--plot", str(tmp_path / "plots"),
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert report["config"]["methods"] == ["vanilla", "subspec", "classic", "hf"]
+    assert report["config"]["methods"] == [
+        "vanilla", "subspec", "subspec@no-overlap+depth2", "classic", "hf"
+    ]  # fmt: skip
     assert set(report["bound"]) >= {"disk_read_bytes_per_s", "streamed_bytes_per_token",
-                                    "tokens_per_s"}  # fmt: skip
+                                    "tokens_per_s", "memory_read_bytes_per_s"}  # fmt: skip
     results = report["results"]
     for method in ("vanilla", "subspec", "hf"):
         r = results[method]
@@ -29,6 +33,15 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
         assert r["outputs_identical_to_vanilla"], (method, r["divergences"])
         assert len(r["outputs"]) == 2
     assert results["subspec"]["tau"] >= 1
-    assert "draft_s" in results["subspec"] and "verify_s" in results["subspec"]
+    for key in ("round_s", "draft_s", "verify_s", "overlap_s", "draft_step_s",
+                "draft_bytes_per_step", "draft_read_bytes_per_s", "depth", "width",
+                "limit_tokens_per_s"):  # fmt: skip
+        assert key in results["subspec"], key
+    variant = results["subspec@no-overlap+depth2"]
+    assert variant["depth"] == 2 and variant["overlap_s"] == 0
+    assert variant["outputs_identical_to_vanilla"]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "timeline.png", "accept_lengths.png", "depth.png"
+    }  # fmt: skip
     # the target as its own classic draft does not fit next to itself in 700 kB: reported, not fatal
     assert "error" in results["classic"] and "minimum" in results["classic"]["error"]

@@ -99,13 +99,13 @@ def test_ctrl_c_before_any_text_forgets_the_question(monkeypatch, capsys):
 
 
 def test_stat_line():
-    memory = MemoryStats(0, 0.0, None, 0, 0, {})
+    memory = MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, {})
     stats = GenerationStats("vanilla", 3, 5, 0.1, 0.4, 12.345, 4, 0, memory)
     assert stat_line(Event("", [], "stop", stats)) == "[5 tokens, 12.35 tok/s]"
     spec = replace(
         stats,
         method="subspec",
-        spec=SpecStats(2.5, 0.1, 0.2, 0.0, 4, 0, 2.0, 1, [2, 2], [1, 2], [0.1, 0.2]),
+        spec=SpecStats(2.5, 0.1, 0.2, 0.0, 4, 0, 2.0, 1, [2, 2], [1, 2], [[0.1, 0.2, 0.0]]),
     )
     line = stat_line(Event("", [], "length", spec))
     assert line == "[5 tokens, 12.35 tok/s, tau 2.50, cut at --max-new-tokens]"

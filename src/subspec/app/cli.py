@@ -55,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add("bench", help="compare methods side by side")
     model_args(bench)
     bench.add_argument(
-        "--methods", default="vanilla,hf", help="comma list: vanilla,subspec,classic,hf"
+        "--methods",
+        default="vanilla,hf",
+        help="comma list of vanilla, subspec, classic, hf; variants after @ joined by +: "
+        "subspec@no-overlap, subspec@depth16, subspec@fast, vanilla@fast",
     )
     bench.add_argument("--dataset", default="mt-bench", help="mt-bench, humaneval, gsm8k, aime2025")
     bench.add_argument("--prompts-file", default=None, help="JSON lines with a 'prompt' field")
     bench.add_argument("--samples", type=int, default=3)
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench.json")
+    bench.add_argument("--plot", default=None, metavar="DIR",
+                       help="write PNG plots there (needs subspec[plot]: matplotlib)")  # fmt: skip
 
     models = add("models", help="list or pull the catalogue's models")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -150,3 +150,15 @@ def _run_threads(targets: list) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+def measure_memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """DRAM read bandwidth (bytes/s) with torch's threads: the best of `repeats` sums over a
+    buffer of `nbytes`, far larger than any cache (the bound a draft step is held to)."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)  # [nbytes / 4], pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best

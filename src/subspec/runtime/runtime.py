@@ -110,6 +110,8 @@ class Runtime:
         return MemoryStats(
             bytes_streamed=s.layers.bytes_used if s else 0,
             transfer_wait_s=round(s.prefetcher.stats.wait_s, 4) if s else 0.0,
+            read_bytes=s.prefetcher.stats.bytes_read if s else 0,
+            read_s=round(s.prefetcher.stats.read_s, 4) if s else 0.0,
             memory_budget_bytes=p.budget_bytes,
             resident_bytes=p.resident_bytes,
             rss_before_load_bytes=self.rss_before_load,

@@ -53,7 +53,7 @@ class Session:
                 width=shape.width,
                 depths=list(c.depths),
                 accept_lengths=list(c.accept_lengths),
-                round_s=[round(r, 4) for r in c.round_s],
+                rounds=[[round(t, 4) for t in r] for r in c.rounds],
             )
         return GenerationStats(
             method=method,

@@ -11,6 +11,8 @@ class MemoryStats:
 
     bytes_streamed: int
     transfer_wait_s: float
+    read_bytes: int  # slow-tier reads the prefetcher made, and the time they took
+    read_s: float
     memory_budget_bytes: int | None
     resident_bytes: int
     rss_before_load_bytes: int  # fixed overhead: torch, tokenizer, ... before any weights
@@ -31,7 +33,7 @@ class SpecStats:
     width: int
     depths: list[int]  # each round's tree depth
     accept_lengths: list[int]  # accepted draft tokens per round
-    round_s: list[float]  # wall time of each round
+    rounds: list[list[float]]  # each round's [draft, verify, overlap] seconds
 
 
 @dataclass(frozen=True)

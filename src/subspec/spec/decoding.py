@@ -37,7 +37,8 @@ class DecodeStats:
     lookahead_steps: int = 0  # draft calls run ahead, inside the verification pass
     lookahead_hits: int = 0  # rounds whose tree was drafted ahead
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
-    round_s: list[float] = field(default_factory=list)  # wall time of each round
+    # each round's (draft, verify, overlap) seconds, as add_round's arguments
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # tree depth of each round
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
@@ -49,7 +50,7 @@ class DecodeStats:
         self.overlap_s += overlap_s
         self.target_forwards += 1
         self.accept_lengths.append(accepted)
-        self.round_s.append(draft_s + verify_s + overlap_s)
+        self.rounds.append((draft_s, verify_s, overlap_s))
 
 
 def _clock(device: torch.device) -> float:
