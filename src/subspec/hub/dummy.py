@@ -28,12 +28,14 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from subspec.errors import SubspecError
 from subspec.files import cache_root, replace_path
 from subspec.hub.models import MARKER, _sweep_stale
+
+if TYPE_CHECKING:  # torch is imported when weights are drawn: resolving a name needs none
+    import torch
 
 PREFIX = "dummy:"
 VERSION = 1  # bump when the weights or files a build writes change; older caches are rebuilt
@@ -224,6 +226,8 @@ def random_tensor(name: str, spec: Spec, scratch: torch.Tensor | None = None) ->
     Values are drawn in float32 chunks of _CHUNK into `scratch` (allocated when not given;
     reusing one saves the page faults of a fresh 64 MB buffer per chunk).
     """
+    import torch
+
     tensor_name, shape, std = spec
     if std is None:
         return torch.ones(shape, dtype=torch.bfloat16)
@@ -243,6 +247,7 @@ def write_weights(name: str, plan: list[Spec], out: Path, say) -> None:
 
     One shard's tensors are in memory at a time (at most ~_SHARD_BYTES).
     """
+    import torch
     from safetensors.torch import save_file
 
     shards = shard_plan(plan)
