@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -135,9 +137,9 @@ def test_bad_serve_address_is_a_refusal(capsys, tiny_model_dir, extra, needle):
 
 
 def test_kv_cache_that_cannot_fit_is_refused(capsys, tiny_model_dir, monkeypatch):
-    import subspec.runtime.build as build
+    import subspec.runtime.sizing as sizing
 
-    monkeypatch.setattr(build, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(sizing, "available_bytes", lambda device: 1000)
     code, _, err = run(capsys, *gen(tiny_model_dir))
     assert_clean_error(code, err, "KV cache", "needs")
 
@@ -158,6 +160,16 @@ def test_plan_reads_no_weights_and_names_minimums(capsys, tiny_model_dir, monkey
         assert entry["minimum_budget_bytes"] > 0 and entry["minimum_dominated_by"]
     code, _, err = run(capsys, "plan", "--model", str(tiny_model_dir), "--memory-budget", "1kB")
     assert_clean_error(code, err, "vanilla", "subspec", "biggest parts")
+
+
+def test_plan_imports_no_torch(tiny_model_dir):
+    """`subspec plan` sizes from headers alone, so it starts without torch (seconds saved)."""
+    code = ("import sys; from subspec.app.cli import main; "
+            f"main(['plan', '--model', {str(tiny_model_dir)!r}, '--memory-budget', '900kB']); "
+            "sys.exit('torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fits" in done.stdout
 
 
 def test_memory_budget_auto_and_help_defaults(capsys, tiny_model_dir):

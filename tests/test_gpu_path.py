@@ -11,7 +11,7 @@ from subspec.memory import device_peak_bytes, fast_memory_budget
 from subspec.model import forward
 from subspec.model.config import ModelConfig
 from subspec.offload.planner import ModelSizes, plan
-from subspec.runtime.weights import CUDA_CONTEXT_BYTES, workspace_nbytes
+from subspec.sizes import CUDA_CONTEXT_BYTES, workspace_nbytes
 
 
 def _reference(q, keys, values, mask):

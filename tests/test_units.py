@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from subspec import sizes
 from subspec.config import SamplingConfig, SpecConfig, parse_size
 from subspec.errors import SubspecError
 from subspec.model import layers
@@ -277,7 +278,7 @@ def test_plan_refuses_budget_below_minimum_and_names_it():
 
 @pytest.mark.parametrize("scratch", [1 << 23, 5 * 64 + 7])  # one chunk; many, the last ragged
 def test_widened_linear_is_fp32_math_rounded_once(monkeypatch, scratch):
-    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(sizes, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(layers, "WIDEN_SCRATCH_ELEMENTS", scratch)
     monkeypatch.setattr(layers._scratch, "buffer", None, raising=False)
     g = torch.Generator().manual_seed(0)
@@ -295,13 +296,13 @@ def test_widened_linear_is_fp32_math_rounded_once(monkeypatch, scratch):
 
 
 def test_native_bf16_cpus_do_not_widen(monkeypatch):
-    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(sizes, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(layers._scratch, "buffer", None, raising=False)
     w = torch.randn(100, 64).bfloat16()  # [out, in]
     x = torch.randn(layers.WIDEN_MIN_ROWS, 64).bfloat16()
     assert torch.equal(layers.dense(w)(x), torch.nn.functional.linear(x, w))
     assert layers._scratch.buffer is None
-    assert layers.widen_scratch_bytes(torch.bfloat16, torch.device("cpu"), w.numel()) == 0
+    assert sizes.widen_scratch_bytes(torch.bfloat16, torch.device("cpu"), w.numel()) == 0
 
 
 def test_small_query_attention_matches_sdpa():

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from subspec.errors import SubspecError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("bfloat16", "float32")  # the dtypes a runtime computes in, by name (torch_dtype)
 METHODS = ("vanilla", "subspec", "classic")  # decoding methods of the runtime
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NUMERICS = ("exact", "fast")
@@ -143,12 +145,12 @@ class RuntimeConfig:
             raise SubspecError(
                 f"numerics must be one of {', '.join(NUMERICS)}, got {self.numerics!r}"
             )
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not _cuda_available():
             raise SubspecError(f"device {self.device} requested but CUDA is not available")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def exact(self) -> bool:
@@ -159,6 +161,19 @@ class RuntimeConfig:
     def capacity(self) -> int:
         """KV cache slots: the context plus a round's speculative slots."""
         return self.context + self.spec.cache_slots
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` (one of DTYPES); torch is imported only here."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def methods_to_load(method: str | None) -> tuple[str, ...]:

@@ -1,12 +1,17 @@
-"""Memory measurement: peak resident set size and device peak, resettable between phases."""
+"""Memory measurement: peak resident set size and device peak, resettable between phases.
+
+torch is imported only for CUDA queries, so that sizing on a CPU (`subspec plan`) runs without it.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -52,6 +57,8 @@ def fast_memory_budget(budget: int | None, device: torch.device) -> int | None:
     """The budget to plan for: `budget`, or on a CUDA device without one, the memory free on
     it now (None on CPU: no limit)."""
     if budget is None and device.type == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info(device)[0]
     return budget
 
@@ -59,6 +66,8 @@ def fast_memory_budget(budget: int | None, device: torch.device) -> int | None:
 def reset_device_peak(device: torch.device) -> None:
     """Reset the CUDA allocator's high-water mark (nothing to do on CPU)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -66,6 +75,8 @@ def device_peak_bytes(device: torch.device) -> int | None:
     """Peak bytes torch allocated on a CUDA device since the last reset; None on CPU (host
     RSS there is the fast tier, and on CUDA RSS includes the whole pinned slow tier)."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device)
     return None
 
@@ -73,6 +84,8 @@ def device_peak_bytes(device: torch.device) -> int | None:
 def available_bytes(device: str = "cpu") -> int:
     """Fast memory free now: MemAvailable on CPU, torch.cuda.mem_get_info on CUDA."""
     if device.startswith("cuda"):
+        import torch
+
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     try:

@@ -13,7 +13,7 @@ from subspec.hub.models import resolve_model
 from subspec.model.checkpoint import Checkpoint
 from subspec.model.config import ModelConfig
 from subspec.offload.planner import biggest, minimum_parts, plan
-from subspec.runtime.build import check_kv_fits, method_sizes, resolve_context
+from subspec.runtime.sizing import check_kv_fits, method_sizes, resolve_context
 
 
 def plan_report(args) -> dict:

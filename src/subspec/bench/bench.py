@@ -151,7 +151,7 @@ def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int) -> di
 
 def _run_hf(args, prompt_ids) -> dict:
     from subspec.bench.hf_baseline import run_hf
-    from subspec.config import DTYPES, parse_size
+    from subspec.config import parse_size, torch_dtype
     from subspec.files import cache_root
     from subspec.hub.models import resolve_model
     from subspec.model.tokenizer import load_tokenizer
@@ -161,7 +161,7 @@ def _run_hf(args, prompt_ids) -> dict:
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     budget = parse_size(args.memory_budget) if args.memory_budget else None
     offload_dir = cache_root() / "hf-offload"
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     return run_hf(model_dir, prompt_ids, args.max_new_tokens, budget, dtype, offload_dir, eos)
 
 

@@ -34,6 +34,7 @@ import torch
 from subspec.errors import SubspecError
 from subspec.files import read_safetensors_header
 from subspec.memory import peak_rss_bytes, reset_peak_rss
+from subspec.progress import quiet_libraries
 
 Range = tuple[str, int, int]  # (file, offset, length)
 
@@ -57,6 +58,7 @@ def run_hf(
     """
     from transformers import AutoConfig
 
+    quiet_libraries()  # for the whole baseline: its loads draw no bars, log no warnings
     config = AutoConfig.from_pretrained(model_dir)
     longest = max((len(p) for p in prompts), default=0)
     allowance = runtime_allowance(config, dtype, longest + max_new_tokens, longest)

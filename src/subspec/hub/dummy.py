@@ -23,17 +23,18 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from subspec.errors import SubspecError
 from subspec.files import cache_root, replace_path
 from subspec.hub.models import MARKER, _sweep_stale
+from subspec.progress import StepLog
+
+if TYPE_CHECKING:  # torch is imported when weights are drawn: resolving a name needs none
+    import torch
 
 PREFIX = "dummy:"
 VERSION = 1  # bump when the weights or files a build writes change; older caches are rebuilt
@@ -99,7 +100,7 @@ def ensure_dummy(name: str, *, progress: bool = True, num_layers: int | None = N
     dst.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(dst.parent, dst.name)
     _check_free_space(dst, tensor_plan(config))
-    say = _reporter(progress)
+    say = StepLog(progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         _build(name, models[name], config, tmp / "out", say)
@@ -112,17 +113,6 @@ def ensure_dummy(name: str, *, progress: bool = True, num_layers: int | None = N
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"dummy:{name} ready in {dst}")
     return dst
-
-
-def _reporter(enabled: bool):
-    """A function printing timestamped progress lines on stderr, or doing nothing."""
-    start = time.monotonic()
-
-    def say(text: str) -> None:
-        if enabled:
-            print(f"[{time.monotonic() - start:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    return say
 
 
 def _check_free_space(dst: Path, plan: list[Spec]) -> None:
@@ -224,6 +214,8 @@ def random_tensor(name: str, spec: Spec, scratch: torch.Tensor | None = None) ->
     Values are drawn in float32 chunks of _CHUNK into `scratch` (allocated when not given;
     reusing one saves the page faults of a fresh 64 MB buffer per chunk).
     """
+    import torch
+
     tensor_name, shape, std = spec
     if std is None:
         return torch.ones(shape, dtype=torch.bfloat16)
@@ -243,6 +235,7 @@ def write_weights(name: str, plan: list[Spec], out: Path, say) -> None:
 
     One shard's tensors are in memory at a time (at most ~_SHARD_BYTES).
     """
+    import torch
     from safetensors.torch import save_file
 
     shards = shard_plan(plan)

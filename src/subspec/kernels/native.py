@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from subspec.files import atomic_output, cache_root
+from subspec.progress import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    StepLog()(f"compiling kernels/csrc/{name}.c")
     with atomic_output(target, durable=False) as tmp:
         subprocess.run(
             [compiler, *flags, str(source_path), "-o", str(tmp), "-lm"],

@@ -1,19 +1,26 @@
-"""Reading a Hugging Face safetensors checkpoint into subspec's fused layer layout."""
+"""Reading a Hugging Face safetensors checkpoint into subspec's fused layer layout.
+
+Opening a checkpoint reads its headers only and imports no torch (`subspec plan` sizes models
+from them); torch is imported when a tensor is first read.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 
 from subspec.errors import SubspecError
 from subspec.files import read_safetensors_header
 from subspec.model.config import ModelConfig
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors -> torch
 
 # Hugging Face tensor names, the same in every supported family (Llama, Mistral, Qwen2, Qwen3).
 EMBED = "model.embed_tokens.weight"
@@ -93,7 +100,9 @@ class Checkpoint:
         header_len, header = read_safetensors_header(path)
         info = header[name]
         start, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
+        import torch
+
+        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
         np_dtype = {torch.bfloat16: np.uint16, torch.float16: np.float16}.get(dtype, np.float32)
         arr = np.memmap(
             path,
@@ -119,6 +128,8 @@ class Checkpoint:
 
 def layer_tensors(ckpt: Checkpoint, cfg: ModelConfig, i: int, dtype) -> dict[str, torch.Tensor]:
     """Layer i in the fused layout of layers.py (qkv and gate_up concatenated on dim 0)."""
+    import torch
+
     t = {
         name: torch.cat([ckpt.get(hf, dtype) for hf in sources])
         for name, sources in layer_names(cfg, i).items()

@@ -20,12 +20,6 @@ class KVCache:
         self.capacity = capacity
         self._length = 0
 
-    @staticmethod
-    def nbytes_for(num_layers, num_kv_heads, head_dim, capacity, dtype) -> int:
-        """Bytes a cache of this shape occupies (for the memory planner)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * num_kv_heads * capacity * head_dim * itemsize
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -6,7 +6,6 @@ callables so that a dense bf16 weight, a streamed weight and a low-bit substitut
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from subspec.kernels.exact import exact_linear
+from subspec.sizes import WIDEN_SCRATCH_ELEMENTS, widens
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,26 +47,7 @@ def dense(
 # bf16 wins (the matmul is then bound by reading the weights). With AVX512_BF16/AMX, oneDNN's
 # bf16 GEMM wins at every size (33 rows by 17920 x 1536: 11 ms bf16, 49 ms widened).
 WIDEN_MIN_ROWS = 24
-WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused buffer at most (32 MiB)
 _scratch = threading.local()
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX tiles)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def widens(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether dense weights of this dtype on this device go through `widened_linear`."""
-    return dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16()
-
-
-def widen_scratch_bytes(dtype: torch.dtype, device: torch.device, largest_weight: int) -> int:
-    """Bytes of the buffer `widened_linear` grows to for weights of this dtype on this device,
-    the largest of them holding `largest_weight` elements."""
-    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4 if widens(dtype, device) else 0
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from subspec.errors import SubspecError
+from subspec.progress import quiet_libraries
 
 
 def load_tokenizer(model_dir: Path):
     """The model's tokenizer (transformers' fast tokenizer over tokenizer.json)."""
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises many types for a broken tokenizer

@@ -24,16 +24,11 @@ import torch
 
 from subspec.errors import SubspecError
 from subspec.files import atomic_output
+from subspec.sizes import ALIGN, align_up
 
-ALIGN = 4096
 MAGIC = b"SUBSPEC\x01"
 _LEN = struct.Struct("<Q")
 _WRITE_CHUNK = 64 << 20
-
-
-def align_up(n: int, alignment: int = ALIGN) -> int:
-    """Round ``n`` up to a multiple of ``alignment``."""
-    return -(-n // alignment) * alignment
 
 
 @dataclass(frozen=True)

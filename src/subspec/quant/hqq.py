@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from subspec.errors import SubspecError
-from subspec.quant.linear import QuantLinear, held_bits, offset
+from subspec.quant.linear import QuantLinear, offset
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _QUANT_CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many weights
@@ -90,21 +90,3 @@ def _min_max_params(groups: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     lo, hi = groups.amin(-1), groups.amax(-1)  # [rows, in / g]
     inv_scale = ((2**bits - 1) / (hi - lo)).clamp(max=2e4)
     return 1.0 / inv_scale, -lo * inv_scale
-
-
-def quantized_nbytes(
-    out_features: int,
-    in_features: int,
-    bits: int,
-    group_size: int,
-    *,
-    bias: bool = False,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-) -> int:
-    """Bytes a QuantLinear of this shape holds in memory on ``device``."""
-    itemsize = compute_dtype.itemsize
-    held = held_bits(bits, group_size, out_features, in_features, compute_dtype, device)
-    values = out_features * in_features * held // 8
-    scales_and_zeros = (in_features // group_size) * out_features * 2 * itemsize
-    return values + scales_and_zeros + (out_features * itemsize if bias else 0)

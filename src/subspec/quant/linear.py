@@ -18,7 +18,7 @@ Layouts of the quantized values held in memory (``QuantLinear.layout``):
   1% error from the int8 activations (a draft's numerics need not match the target's). Each
   group of 64 values packs into 32 bytes, byte ``j`` holding values ``j`` and ``j + 32``.
 - ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (bf16 only). 2/3
-  bits are held in its 4-bit nibbles, so they take 4 bits per value on CUDA (``held_bits``).
+  bits are held in its 4-bit nibbles, so they take 4 bits per value on CUDA (``sizes.held_bits``).
 - ``int8_rowwise``: ``int8 q - 128`` for 8 bits with one group per row (CPU), fed to
   ``_weight_int8pack_mm`` plus a rank-1 zero-point correction.
 - ``bitpack``: ``bits`` bytes per 8 values along ``in``; dequantized on every call, in row
@@ -40,12 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from subspec.kernels import native
+from subspec.sizes import BITPACK_SCRATCH_ELEMENTS, INT4_GROUP_SIZES, int4_cuda_fits
 
 log = logging.getLogger(__name__)
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 _UNPACK_EYE_ROWS = 1024
-BITPACK_SCRATCH_ELEMENTS = 1 << 24  # the bitpack matmul's dequantized block: 64 MiB in fp32
 
 
 class QuantLinear(nn.Module):
@@ -134,21 +133,6 @@ def _choose_layout(m: QuantLinear) -> str:
     if m.bits == 8 and m.group_size == m.in_features and not on_cuda:
         return "int8_rowwise"
     return "bitpack"
-
-
-def int4_cuda_fits(in_features: int, compute_dtype: torch.dtype) -> bool:
-    """Whether torch's CUDA int4 kernel takes this input width and dtype (bf16 only; 2/3-bit
-    values are held in its 4-bit nibbles)."""
-    return compute_dtype == torch.bfloat16 and in_features % 32 == 0
-
-
-def held_bits(bits: int, group_size: int, out_features: int, in_features: int, dtype, device):
-    """Bits per value a QuantLinear holds in memory on ``device``: 4 for 2/3-bit values in
-    torch's CUDA int4 layout, else ``bits``."""
-    if torch.device(device).type != "cuda" or bits >= 4 or group_size not in INT4_GROUP_SIZES:
-        return bits
-    fits = out_features % 16 == 0 and int4_cuda_fits(in_features, dtype)
-    return 4 if fits else bits
 
 
 def _vnni_fits(m: QuantLinear) -> bool:

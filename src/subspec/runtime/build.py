@@ -8,18 +8,16 @@ slow tier is disk on a CPU machine or pinned host RAM on a CUDA machine.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from rich.progress import Progress
 
-from subspec import quant
-from subspec.config import DEFAULT_CONTEXT, METHODS, RuntimeConfig, format_size, methods_to_load
+from subspec.config import RuntimeConfig
 from subspec.errors import SubspecError
 from subspec.files import cache_root
 from subspec.hub.models import resolve_model
 from subspec.memory import (
-    available_bytes,
     current_rss_bytes,
     fast_memory_budget,
     release_free_memory,
@@ -28,26 +26,30 @@ from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
 from subspec.model.config import ModelConfig
 from subspec.model.forward import Embedding, Model
 from subspec.model.kv_cache import KVCache
-from subspec.model.layers import LayerSource, dense, widen_scratch_bytes
+from subspec.model.layers import LayerSource, dense
 from subspec.model.placed import PlacedModel
 from subspec.model.tokenizer import load_tokenizer
-from subspec.offload.planner import ModelSizes, Placement, minimum_parts, plan
+from subspec.offload.planner import Placement, plan
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.progress import progress_bars
 from subspec.runtime.runtime import Runtime, Streaming
+from subspec.runtime.sizing import (
+    draft_bytes,
+    draft_config,
+    model_sizes,
+    plan_checked,
+    resolve_context,
+)
 from subspec.runtime.weights import (
     ensure_files,
     fingerprint,
     head_sources,
-    layer_nbytes,
     layer_sources,
     load_draft_head,
     load_resident,
     load_substitutes,
-    substitute_nbytes,
-    workspace_nbytes,
 )
 from subspec.spec.drafters import ModelDrafter, SharedDrafter
 
@@ -60,7 +62,7 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     tokenizer = load_tokenizer(model_dir)
     rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
     with Checkpoint(model_dir) as ckpt:  # headers only: refuse an impossible plan before loading
-        plan_checked(cfg, ckpt, model_cfg, _draft_bytes(cfg, model_cfg))
+        plan_checked(cfg, ckpt, model_cfg, draft_bytes(cfg, model_cfg))
     classic = _classic_draft(cfg, model_cfg, progress) if "classic" in cfg.methods else None
     extra = classic.placement.resident_bytes if classic else 0
     with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
@@ -79,82 +81,6 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     )  # fmt: skip
 
 
-def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:
-    """cfg with its context settled: DEFAULT_CONTEXT capped at the model's
-    max_position_embeddings when unset; a context above that maximum is refused."""
-    most = model_cfg.max_position_embeddings
-    if cfg.context is None:
-        return replace(cfg, context=min(DEFAULT_CONTEXT, most))
-    if cfg.context > most:
-        raise SubspecError(
-            f"--context {cfg.context} is above the model's max_position_embeddings of {most}"
-        )
-    return cfg
-
-
-def plan_checked(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
-                 extra_bytes: int = 0) -> Placement:  # fmt: skip
-    """The placement for cfg, from headers only (no weight is read), refusing a KV cache
-    that cannot fit in free memory and a budget below the minimum (naming each method's)."""
-    sizes = Builder(cfg, ckpt, model_cfg, None).sizes(extra_bytes)
-    check_kv_fits(cfg, sizes)
-    try:
-        return plan(sizes, cfg.memory_budget, cfg.n_buffers)
-    except SubspecError as e:
-        mins = method_minimums(cfg, ckpt, model_cfg)
-        each = ", ".join(f"{m} {format_size(b)}" for m, b in mins.items())
-        raise SubspecError(f"{e}; the smallest budget of each method: {each}") from None
-
-
-def check_kv_fits(cfg: RuntimeConfig, sizes: ModelSizes) -> None:
-    """Refuse a KV cache larger than the memory free on the device now."""
-    free = available_bytes(cfg.device)
-    if sizes.kv_bytes > free:
-        raise SubspecError(
-            f"the KV cache for --context {cfg.context} needs {format_size(sizes.kv_bytes)}, but "
-            f"only {format_size(free)} of memory is available on {cfg.device}; lower --context"
-        )
-
-
-def method_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
-                 method: str) -> ModelSizes:  # fmt: skip
-    """The sizes of a runtime that runs `method` (its draft included), from headers only."""
-    m_cfg = replace(cfg, methods=methods_to_load(method))
-    return Builder(m_cfg, ckpt, model_cfg, None).sizes(_draft_bytes(m_cfg, model_cfg))
-
-
-def method_minimums(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig) -> dict:
-    """Method -> the smallest budget it runs in (classic only with a draft model)."""
-    out = {}
-    for method in METHODS:
-        if method == "classic" and not cfg.draft_model:
-            continue
-        sizes = method_sizes(cfg, ckpt, model_cfg, method)
-        out[method] = sum(minimum_parts(sizes, cfg.n_buffers).values())
-    return out
-
-
-def _draft_bytes(cfg: RuntimeConfig, target_cfg: ModelConfig) -> int:
-    """Bytes classic speculation's draft keeps resident (0 without it), from headers only."""
-    if "classic" not in cfg.methods:
-        return 0
-    draft_cfg = _draft_config(cfg)
-    model_dir = resolve_model(draft_cfg.model, progress=False)
-    model_cfg = ModelConfig.from_dir(model_dir)
-    draft_cfg = resolve_context(draft_cfg, model_cfg)
-    with Checkpoint(model_dir) as ckpt:
-        return plan(Builder(draft_cfg, ckpt, model_cfg, None).sizes(), None).resident_bytes
-
-
-def _draft_config(cfg: RuntimeConfig) -> RuntimeConfig:
-    """Classic speculation's draft, configured like a target: everything resident, embedding
-    rows read on demand (they need not take budget)."""
-    return replace(
-        cfg, model=cfg.draft_model, memory_budget=None, methods=("vanilla",),
-        draft_model=None, map_embeddings=True,
-    )  # fmt: skip
-
-
 def _eos_ids(model_cfg: ModelConfig, tokenizer) -> frozenset[int]:
     ids = set(model_cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
@@ -163,8 +89,8 @@ def _eos_ids(model_cfg: ModelConfig, tokenizer) -> frozenset[int]:
 
 
 def _classic_draft(cfg: RuntimeConfig, target_cfg: ModelConfig, progress: bool) -> Loaded:
-    """Classic speculation's draft, loaded (see _draft_config)."""
-    draft_cfg = _draft_config(cfg)
+    """Classic speculation's draft, loaded (see sizing.draft_config)."""
+    draft_cfg = draft_config(cfg)
     model_dir = resolve_model(draft_cfg.model, progress=progress)
     model_cfg = ModelConfig.from_dir(model_dir)
     if model_cfg.vocab_size != target_cfg.vocab_size:
@@ -204,47 +130,11 @@ class Builder:
         # or to build its chunk files or the draft's low-bit copy when those are not cached
         self.load_head = functools.cache(functools.partial(ckpt.get, self.head_name, self.dtype))
 
-    def sizes(self, extra_bytes: int = 0) -> ModelSizes:
-        """Bytes of every part in fast memory, for the planner."""
-        m, dt, spec = self.model_cfg, self.dtype, self.cfg.spec
-        item = dt.itemsize
-        table = m.vocab_size * m.hidden_size * item  # embeddings or LM head
-        largest = max(m.vocab_size * m.hidden_size, *(o * i for o, i in m.linear_shapes.values()))
-        sub = self.subspec
-        return ModelSizes(
-            num_layers=m.num_layers,
-            layer_bytes=layer_nbytes(m, dt),
-            substitute_bytes=(
-                substitute_nbytes(m, spec.bits, spec.group_size, dt, self.device) if sub else 0
-            ),
-            embed_bytes=0 if self.cfg.map_embeddings and not self.tied else table,
-            lm_head_bytes=0 if self.tied else table,
-            norm_bytes=m.hidden_size * item,
-            kv_bytes=KVCache.nbytes_for(
-                m.num_layers, m.num_kv_heads, m.head_dim, self.cfg.capacity, dt
-            ),
-            extra_bytes=extra_bytes,
-            draft_head_bytes=self._draft_head_bytes() if sub else 0,
-            scratch_bytes=widen_scratch_bytes(dt, self.device, largest),
-            head_can_stream=not (sub and spec.head_bits == 16),
-            workspace_bytes=workspace_nbytes(
-                m, max(self.cfg.prefill_chunk, spec.tree_size), self.cfg.capacity, dt, self.device
-            ),
-        )
-
-    def _draft_head_bytes(self) -> int:
-        m, spec = self.model_cfg, self.cfg.spec
-        if spec.head_bits == 16:
-            return 0
-        return quant.quantized_nbytes(m.vocab_size, m.hidden_size, spec.head_bits,
-                                      spec.group_size, compute_dtype=self.dtype,
-                                      device=self.device)  # fmt: skip
-
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams."""
         m, cfg = self.model_cfg, self.cfg
         budget = fast_memory_budget(cfg.memory_budget, self.device)
-        placement = plan(self.sizes(extra_bytes), budget, cfg.n_buffers)
+        placement = plan(model_sizes(cfg, self.ckpt, m, extra_bytes), budget, cfg.n_buffers)
         resident = load_resident(
             self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
         )

@@ -16,8 +16,8 @@ from subspec.files import safetensors_fingerprint
 from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
-from subspec.offload.layer_file import align_up, layer_path, read_manifest, write_layer_file
-from subspec.quant.linear import BITPACK_SCRATCH_ELEMENTS
+from subspec.offload.layer_file import layer_path, read_manifest, write_layer_file
+from subspec.sizes import itemsize, layer_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -25,48 +25,6 @@ log = logging.getLogger(__name__)
 def fingerprint(ckpt: Checkpoint) -> str:
     """A short hash of the checkpoint's files (names, sizes, safetensors headers)."""
     return safetensors_fingerprint(set(ckpt.file_of.values()))[:16]
-
-
-def layer_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one decoder layer as a staging buffer holds it (4096-aligned tensors)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    numels = [o * i for o, i in cfg.linear_shapes.values()] + [cfg.hidden_size] * 2
-    numels += [cfg.qkv_out] if cfg.qkv_bias else []
-    numels += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
-    return sum(align_up(n * item) for n in numels)
-
-
-CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
-
-
-def workspace_nbytes(cfg: ModelConfig, tokens: int, kv_len: int, dtype, device) -> int:
-    """Fast memory a forward over `tokens` rows attending to `kv_len` slots needs beyond the
-    weights and the cache, on a CUDA device (0 on CPU, whose planner counts weights only):
-    one layer's activations, fp32 attention scores and probabilities, K/V repeated per query
-    head, fp32 logits and their softmax, the bitpack matmul's block, and the CUDA context."""
-    if torch.device(device).type != "cuda":
-        return 0
-    item = torch.empty((), dtype=dtype).element_size()
-    activations = tokens * (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
-    scores = 2 * cfg.num_heads * tokens * kv_len * 4
-    repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
-    logits = 2 * tokens * cfg.vocab_size * 4
-    bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
-    return activations + scores + repeated_kv + logits + bitpack + CUDA_CONTEXT_BYTES
-
-
-def substitute_nbytes(cfg: ModelConfig, bits: int, group_size: int, dtype, device="cpu") -> int:
-    """Bytes of one layer's substitute on `device`: quantized linears (in the device's layout)
-    plus full-precision norms and bias."""
-    if bits == 16:
-        return layer_nbytes(cfg, dtype)
-    item = torch.empty((), dtype=dtype).element_size()
-    linears = sum(
-        quant.quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype, device=device)
-        for o, i in cfg.linear_shapes.values()
-    )
-    extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
-    return linears + extras * item
 
 
 def load_resident(ckpt, cfg, layers, dtype, device, exact=False) -> dict[int, LayerWeights]:
@@ -86,8 +44,7 @@ def layer_sources(ckpt, cfg, layers, dtype) -> dict:
 
 def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Rows of the LM head per streamed chunk: as many as fit a layer's staging buffer."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return layer_nbytes(cfg, dtype) // (cfg.hidden_size * item)
+    return layer_nbytes(cfg, dtype) // (cfg.hidden_size * itemsize(dtype))
 
 
 def head_sources(load_head, cfg, dtype, first_unit: int) -> dict:

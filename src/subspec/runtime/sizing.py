@@ -1,0 +1,128 @@
+"""Sizing a runtime before loading it: the bytes of every part and the placement under the
+budget, from config.json and safetensors headers only (no weight is read, torch is not
+imported), for `build_runtime`'s checks and `subspec plan`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from subspec import sizes as nb
+from subspec.config import DEFAULT_CONTEXT, METHODS, RuntimeConfig, format_size, methods_to_load
+from subspec.errors import SubspecError
+from subspec.hub.models import resolve_model
+from subspec.memory import available_bytes
+from subspec.model.checkpoint import EMBED, Checkpoint, lm_head_name
+from subspec.model.config import ModelConfig
+from subspec.offload.planner import ModelSizes, Placement, minimum_parts, plan
+
+
+def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                extra_bytes: int = 0) -> ModelSizes:  # fmt: skip
+    """Bytes of every part in fast memory, for the planner; `extra_bytes`: what else stays
+    resident (classic speculation's draft)."""
+    m, dt, spec, device = model_cfg, cfg.dtype, cfg.spec, cfg.device
+    item = nb.itemsize(dt)
+    tied = lm_head_name(ckpt, m) == EMBED
+    sub = "subspec" in cfg.methods
+    table = m.vocab_size * m.hidden_size * item  # embeddings or LM head
+    largest = max(m.vocab_size * m.hidden_size, *(o * i for o, i in m.linear_shapes.values()))
+    draft_head = 0
+    if sub and spec.head_bits != 16:
+        draft_head = nb.quantized_nbytes(
+            m.vocab_size, m.hidden_size, spec.head_bits, spec.group_size, compute_dtype=dt,
+            device=device,
+        )  # fmt: skip
+    return ModelSizes(
+        num_layers=m.num_layers,
+        layer_bytes=nb.layer_nbytes(m, dt),
+        substitute_bytes=(
+            nb.substitute_nbytes(m, spec.bits, spec.group_size, dt, device) if sub else 0
+        ),
+        embed_bytes=0 if cfg.map_embeddings and not tied else table,
+        lm_head_bytes=0 if tied else table,
+        norm_bytes=m.hidden_size * item,
+        kv_bytes=nb.kv_nbytes(m.num_layers, m.num_kv_heads, m.head_dim, cfg.capacity, dt),
+        extra_bytes=extra_bytes,
+        draft_head_bytes=draft_head,
+        scratch_bytes=nb.widen_scratch_bytes(dt, device, largest),
+        head_can_stream=not (sub and spec.head_bits == 16),
+        workspace_bytes=nb.workspace_nbytes(
+            m, max(cfg.prefill_chunk, spec.tree_size), cfg.capacity, dt, device
+        ),
+    )
+
+
+def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:
+    """cfg with its context settled: DEFAULT_CONTEXT capped at the model's
+    max_position_embeddings when unset; a context above that maximum is refused."""
+    most = model_cfg.max_position_embeddings
+    if cfg.context is None:
+        return replace(cfg, context=min(DEFAULT_CONTEXT, most))
+    if cfg.context > most:
+        raise SubspecError(
+            f"--context {cfg.context} is above the model's max_position_embeddings of {most}"
+        )
+    return cfg
+
+
+def plan_checked(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                 extra_bytes: int = 0) -> Placement:  # fmt: skip
+    """The placement for cfg, from headers only (no weight is read), refusing a KV cache
+    that cannot fit in free memory and a budget below the minimum (naming each method's)."""
+    sizes = model_sizes(cfg, ckpt, model_cfg, extra_bytes)
+    check_kv_fits(cfg, sizes)
+    try:
+        return plan(sizes, cfg.memory_budget, cfg.n_buffers)
+    except SubspecError as e:
+        mins = method_minimums(cfg, ckpt, model_cfg)
+        each = ", ".join(f"{m} {format_size(b)}" for m, b in mins.items())
+        raise SubspecError(f"{e}; the smallest budget of each method: {each}") from None
+
+
+def check_kv_fits(cfg: RuntimeConfig, sizes: ModelSizes) -> None:
+    """Refuse a KV cache larger than the memory free on the device now."""
+    free = available_bytes(cfg.device)
+    if sizes.kv_bytes > free:
+        raise SubspecError(
+            f"the KV cache for --context {cfg.context} needs {format_size(sizes.kv_bytes)}, but "
+            f"only {format_size(free)} of memory is available on {cfg.device}; lower --context"
+        )
+
+
+def method_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                 method: str) -> ModelSizes:  # fmt: skip
+    """The sizes of a runtime that runs `method` (its draft included), from headers only."""
+    m_cfg = replace(cfg, methods=methods_to_load(method))
+    return model_sizes(m_cfg, ckpt, model_cfg, draft_bytes(m_cfg, model_cfg))
+
+
+def method_minimums(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig) -> dict:
+    """Method -> the smallest budget it runs in (classic only with a draft model)."""
+    out = {}
+    for method in METHODS:
+        if method == "classic" and not cfg.draft_model:
+            continue
+        sizes = method_sizes(cfg, ckpt, model_cfg, method)
+        out[method] = sum(minimum_parts(sizes, cfg.n_buffers).values())
+    return out
+
+
+def draft_bytes(cfg: RuntimeConfig, target_cfg: ModelConfig) -> int:
+    """Bytes classic speculation's draft keeps resident (0 without it), from headers only."""
+    if "classic" not in cfg.methods:
+        return 0
+    draft_cfg = draft_config(cfg)
+    model_dir = resolve_model(draft_cfg.model, progress=False)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    draft_cfg = resolve_context(draft_cfg, model_cfg)
+    with Checkpoint(model_dir) as ckpt:
+        return plan(model_sizes(draft_cfg, ckpt, model_cfg), None).resident_bytes
+
+
+def draft_config(cfg: RuntimeConfig) -> RuntimeConfig:
+    """Classic speculation's draft, configured like a target: everything resident, embedding
+    rows read on demand (they need not take budget)."""
+    return replace(
+        cfg, model=cfg.draft_model, memory_budget=None, methods=("vanilla",),
+        draft_model=None, map_embeddings=True,
+    )  # fmt: skip

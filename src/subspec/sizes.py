@@ -1,0 +1,135 @@
+"""Byte sizes of a runtime's parts, from shapes and dtype names alone.
+
+Nothing here imports torch, so that sizing a model (`subspec plan`, the checks before a load)
+starts in a fraction of a second. A dtype is given by name ("bfloat16") or as a torch dtype, a
+device by name ("cuda:0") or as a torch device.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+ALIGN = 4096  # every tensor and file boundary in a layer file (offload/layer_file.py)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # group sizes torch's int4 kernels take
+BITPACK_SCRATCH_ELEMENTS = 1 << 24  # the bitpack matmul's dequantized block: 64 MiB in fp32
+WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused widening buffer at most (32 MiB)
+CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
+
+
+def align_up(n: int, alignment: int = ALIGN) -> int:
+    """Round ``n`` up to a multiple of ``alignment``."""
+    return -(-n // alignment) * alignment
+
+
+def dtype_name(dtype) -> str:
+    """ "bfloat16" for "bfloat16" and for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
+def itemsize(dtype) -> int:
+    """Bytes per element of a dtype."""
+    return DTYPE_BYTES[dtype_name(dtype)]
+
+
+def device_type(device) -> str:
+    """ "cuda" for "cuda:1" and for torch.device("cuda", 1)."""
+    return str(device).split(":")[0]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX tiles): read from the
+    flags in /proc/cpuinfo, asked of torch where there is no such file."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        import torch
+
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return "avx512_bf16" in flags or "amx_tile" in flags
+
+
+def widens(dtype, device) -> bool:
+    """Whether dense weights of this dtype on this device go through layers.widened_linear."""
+    cpu = device_type(device) == "cpu"
+    return dtype_name(dtype) == "bfloat16" and cpu and not cpu_has_native_bf16()
+
+
+def widen_scratch_bytes(dtype, device, largest_weight: int) -> int:
+    """Bytes of the buffer `widened_linear` grows to for weights of this dtype on this device,
+    the largest of them holding `largest_weight` elements."""
+    return min(WIDEN_SCRATCH_ELEMENTS, largest_weight) * 4 if widens(dtype, device) else 0
+
+
+def int4_cuda_fits(in_features: int, compute_dtype) -> bool:
+    """Whether torch's CUDA int4 kernel takes this input width and dtype (bf16 only; 2/3-bit
+    values are held in its 4-bit nibbles)."""
+    return dtype_name(compute_dtype) == "bfloat16" and in_features % 32 == 0
+
+
+def held_bits(bits: int, group_size: int, out_features: int, in_features: int, dtype, device):
+    """Bits per value a QuantLinear holds in memory on ``device``: 4 for 2/3-bit values in
+    torch's CUDA int4 layout, else ``bits``."""
+    if device_type(device) != "cuda" or bits >= 4 or group_size not in INT4_GROUP_SIZES:
+        return bits
+    fits = out_features % 16 == 0 and int4_cuda_fits(in_features, dtype)
+    return 4 if fits else bits
+
+
+def quantized_nbytes(
+    out_features: int, in_features: int, bits: int, group_size: int, *, bias: bool = False,
+    compute_dtype="bfloat16", device="cpu",
+) -> int:  # fmt: skip
+    """Bytes a QuantLinear of this shape holds in memory on ``device``."""
+    item = itemsize(compute_dtype)
+    held = held_bits(bits, group_size, out_features, in_features, compute_dtype, device)
+    values = out_features * in_features * held // 8
+    scales_and_zeros = (in_features // group_size) * out_features * 2 * item
+    return values + scales_and_zeros + (out_features * item if bias else 0)
+
+
+def kv_nbytes(num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype) -> int:
+    """Bytes a KVCache of this shape occupies."""
+    return 2 * num_layers * num_kv_heads * capacity * head_dim * itemsize(dtype)
+
+
+def layer_nbytes(cfg, dtype) -> int:
+    """Bytes of one decoder layer of ModelConfig `cfg` as a staging buffer holds it
+    (4096-aligned tensors)."""
+    item = itemsize(dtype)
+    numels = [o * i for o, i in cfg.linear_shapes.values()] + [cfg.hidden_size] * 2
+    numels += [cfg.qkv_out] if cfg.qkv_bias else []
+    numels += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
+    return sum(align_up(n * item) for n in numels)
+
+
+def substitute_nbytes(cfg, bits: int, group_size: int, dtype, device="cpu") -> int:
+    """Bytes of one layer's substitute on `device`: quantized linears (in the device's layout)
+    plus full-precision norms and bias."""
+    if bits == 16:
+        return layer_nbytes(cfg, dtype)
+    linears = sum(
+        quantized_nbytes(o, i, bits, group_size, compute_dtype=dtype, device=device)
+        for o, i in cfg.linear_shapes.values()
+    )
+    extras = 2 * cfg.hidden_size + (cfg.qkv_out if cfg.qkv_bias else 0)
+    return linears + extras * itemsize(dtype)
+
+
+def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device) -> int:
+    """Fast memory a forward over `tokens` rows attending to `kv_len` slots needs beyond the
+    weights and the cache, on a CUDA device (0 on CPU, whose planner counts weights only):
+    one layer's activations, fp32 attention scores and probabilities, K/V repeated per query
+    head, fp32 logits and their softmax, the bitpack matmul's block, and the CUDA context."""
+    if device_type(device) != "cuda":
+        return 0
+    item = itemsize(dtype)
+    activations = tokens * (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
+    scores = 2 * cfg.num_heads * tokens * kv_len * 4
+    repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
+    logits = 2 * tokens * cfg.vocab_size * 4
+    bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
+    return activations + scores + repeated_kv + logits + bitpack + CUDA_CONTEXT_BYTES
