@@ -61,6 +61,11 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _waited(streamed) -> float:
+    """Seconds the streamed layers' prefetcher has blocked so far (0 when nothing streams)."""
+    return streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
+
+
 def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
     """Run the prompt through an empty cache in chunks; returns the last position's logits [V]."""
     cache = target.cache
@@ -133,7 +138,7 @@ def speculative(
         ahead = None
         if spec.overlap and streamed is not None:
             ahead = Lookahead(drafted, start, spec, chooser.depth(), drafter.step, device)
-        wait0 = streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
+        wait0 = _waited(streamed)
         with streamed.while_waiting(ahead.work) if ahead else nullcontext():
             hidden = target.forward(
                 tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
@@ -142,7 +147,7 @@ def speculative(
             logits = target.logits(hidden)
         verdict = walk(tree, logits, sampling, gen)
         t2 = _clock(device)
-        wait_s = (streamed.prefetcher.stats.wait_s if streamed is not None else 0.0) - wait0
+        wait_s = _waited(streamed) - wait0
         overlap_s, ahead_steps = (ahead.work_s, ahead.steps) if ahead else (0.0, 0)
         draft_s, verify_s = t1 - t0, t2 - t1 - overlap_s
         stats.add_round(draft_s, verify_s, overlap_s, verdict.accepted, builder.depth)
