@@ -119,7 +119,7 @@ def test_vnni_kernel_is_exact_for_int8_activations(rows, out_f, in_f, group_size
         x_int8 @ (q * s).view(out_f, in_f).T
         + x.double() @ (z - 8 * s).expand_as(q).reshape(out_f, in_f).T
     )  # [M, out]
-    y = native.int4_vnni_matmul(x, m.qdata, m.scales_and_zeros, group_size)
+    y = native.int4_vnni_matmul(x, m.qdata, out_f, group_size)
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
@@ -268,9 +268,9 @@ def test_cuda_layout_choice_and_held_bytes():
     cuda = torch.device("cuda")
 
     def layout(bits, dtype=torch.bfloat16, in_features=128, group=64):
-        m = SimpleNamespace(device=cuda, bits=bits, group_size=group, out_features=32,
+        m = SimpleNamespace(bits=bits, group_size=group, out_features=32,
                             in_features=in_features, compute_dtype=dtype)  # fmt: skip
-        return QL._choose_layout(m)
+        return QL._choose_layout(m, cuda)
 
     assert [layout(b) for b in (2, 3, 4)] == ["int4_cuda"] * 3  # no per-call dequantization
     assert layout(4, torch.float32) == layout(8) == layout(4, in_features=48, group=16)

@@ -60,8 +60,9 @@ def int4_vnni() -> ctypes.CDLL | None:
         return None
     lib.subspec_int4_vnni_matmul.restype = ctypes.c_int
     lib.subspec_int4_vnni_matmul.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    )
+        [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    )  # fmt: skip
     return lib
 
 
@@ -91,19 +92,28 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
     return target
 
 
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
 def int4_vnni_matmul(
-    x: torch.Tensor, qdata: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """x [M, K] float32 @ W.T -> [M, N] float32, W packed as csrc/int4_vnni.c describes:
-    qdata [N, K / 2] uint8, scales_and_zeros [K / group_size, N, 2] bf16."""
+    x: torch.Tensor, qdata: torch.Tensor, out_features: int, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """x [M, K] (float32 or bf16, contiguous) @ W.T + bias -> [M, N] in x's dtype, W packed as
+    csrc/int4_vnni.c describes (values and bf16 scales in qdata, tile by tile), bias [N] bf16
+    or None."""
     lib = int4_vnni()
     m, k = x.shape
-    n = qdata.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)  # [M, N]
+    if x.dtype not in _FLOATS or not x.is_contiguous():
+        raise ValueError(f"int4 VNNI kernel takes contiguous float32/bf16 x, got {x.dtype}")
+    y = torch.empty(m, out_features, dtype=x.dtype)  # [M, N]
+    bf16 = int(x.dtype == torch.bfloat16)
     rc = lib.subspec_int4_vnni_matmul(
-        x.data_ptr(), qdata.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
-        m, n, k, group_size, torch.get_num_threads(),
+        x.data_ptr(), bf16, qdata.data_ptr(), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), bf16, m, out_features, k, group_size, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
-        raise RuntimeError(f"int4 VNNI kernel failed ({rc}) for x {tuple(x.shape)}, W [{n}, {k}]")
+        raise RuntimeError(
+            f"int4 VNNI kernel failed ({rc}) for x {tuple(x.shape)}, W [{out_features}, {k}]"
+        )
     return y

@@ -121,6 +121,8 @@ class Model:
 
     def _layer(self, i, w: LayerWeights, x, cos, sin, cache, slots, attn_mask, kv_len):
         cfg = self.cfg
+        if w.fused is not None and x.dtype == cache.k.dtype == cos.dtype == torch.bfloat16:
+            return w.fused(cfg, x, cos, sin, cache, i, slots, attn_mask, kv_len)
         t, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = w.qkv(rms_norm(x, w.attn_norm, cfg.rms_norm_eps))  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.view(t, hq + 2 * hkv, d).transpose(0, 1).split([hq, hkv, hkv])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from subspec.kernels.draft_layer import FusedDraftLayer
 from subspec.kernels.exact import exact_linear
 from subspec.sizes import WIDEN_SCRATCH_ELEMENTS, widens
 
@@ -84,6 +85,8 @@ class LayerWeights:
     down: Linear  # [T, F] -> [T, H]
     q_norm: torch.Tensor | None = None  # [D], Qwen3
     k_norm: torch.Tensor | None = None  # [D], Qwen3
+    # the whole layer in one native call (substitutes only; see kernels/draft_layer.py)
+    fused: FusedDraftLayer | None = None
 
 
 # Names of the tensors of one layer in subspec's fused layout ('.bias' and norms optional).
@@ -105,17 +108,14 @@ def dense_layer(t: dict[str, torch.Tensor], exact: bool = False) -> LayerWeights
 
 
 def substitute_layer(t: dict[str, torch.Tensor], linears: dict[str, Linear]) -> LayerWeights:
-    """LayerWeights whose linear maps are low-bit substitutes; norms stay full precision."""
+    """LayerWeights whose linear maps are low-bit substitutes; norms stay full precision.
+    Where the native kernel takes them, the layer also runs fused (`LayerWeights.fused`)."""
+    norms = {name: t.get(name) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm")}
+    fused = FusedDraftLayer(linears, norms) if FusedDraftLayer.fits(linears, norms) else None
     return LayerWeights(
-        attn_norm=t["attn_norm"],
-        mlp_norm=t["mlp_norm"],
-        qkv=linears["qkv"],
-        o=linears["o"],
-        gate_up=linears["gate_up"],
-        down=linears["down"],
-        q_norm=t.get("q_norm"),
-        k_norm=t.get("k_norm"),
-    )
+        qkv=linears["qkv"], o=linears["o"], gate_up=linears["gate_up"], down=linears["down"],
+        **norms, fused=fused,
+    )  # fmt: skip
 
 
 class LayerSource:

@@ -15,8 +15,10 @@ Layouts of the quantized values held in memory (``QuantLinear.layout``):
 - ``int4_vnni``: 4 bits on x86 CPUs with AVX512-VNNI (and a C compiler): subspec's own kernel
   (``native.py``, ``csrc/int4_vnni.c``) quantizes the activations to int8 per 64 values and
   multiplies with ``vpdpbusd``; ~1.5x torch's int4 kernel for the draft's few rows, at about
-  1% error from the int8 activations (a draft's numerics need not match the target's). Each
-  group of 64 values packs into 32 bytes, byte ``j`` holding values ``j`` and ``j + 32``.
+  1% error from the int8 activations (a draft's numerics need not match the target's). The
+  values are interleaved in tiles of 16 rows so that each 32-bit lane of a ``vpdpbusd`` is one
+  output row (the layout is in the C file); it takes float32 or bf16 ``x`` as it is and adds
+  the bias itself, so a forward has no casts around it.
 - ``int4_cuda``: torch's CUDA tiled int4pack, fed to ``_weight_int4pack_mm`` (bf16 only). 2/3
   bits are held in its 4-bit nibbles, so they take 4 bits per value on CUDA (``sizes.held_bits``).
 - ``int8_rowwise``: ``int8 q - 128`` for 8 bits with one group per row (CPU), fed to
@@ -68,18 +70,26 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size = bits, group_size
         self.compute_dtype = scales_and_zeros.dtype
-        self.scales_and_zeros = scales_and_zeros.contiguous()  # [in / g, out, 2]
         self.bias = bias  # [out] or None
-        self.layout = _choose_layout(self)
-        self.qdata = _PACK[self.layout](q, self)
+        self._pack(q, scales_and_zeros.contiguous())
 
     @property
     def device(self) -> torch.device:
         """Device holding the quantized tensors."""
-        return self.scales_and_zeros.device
+        return self.qdata.device
+
+    @property
+    def scales_and_zeros(self) -> Tensor:
+        """``[in / g, out, 2]`` in ``compute_dtype`` (for ``int4_vnni``, a copy out of qdata)."""
+        if self._scales_and_zeros is None:
+            return _vnni_scales(self)
+        return self._scales_and_zeros
 
     def forward(self, x: Tensor) -> Tensor:
         """``x[..., in] -> [..., out]`` in ``x``'s dtype, computed in ``compute_dtype``."""
+        if self.layout == "int4_vnni":  # takes float32 or bf16 x as it is, adds the bias itself
+            y = _matmul_int4_vnni(x.reshape(-1, self.in_features).contiguous(), self)
+            return y.reshape(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # [M, in]
         y = _MATMUL[self.layout](x2, self)  # [M, out]
         if self.bias is not None:
@@ -96,7 +106,7 @@ class QuantLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes held by the quantized tensors (values, scales/zeros, bias)."""
-        tensors = (self.qdata, self.scales_and_zeros, self.bias)
+        tensors = (self.qdata, self._scales_and_zeros, self.bias)
         return sum(t.nbytes for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
@@ -106,7 +116,8 @@ class QuantLinear(nn.Module):
         )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuantLinear:
-        probe = fn(self.scales_and_zeros[:0])  # where (and as what) fn sends tensors
+        # where (and as what) fn sends floating-point tensors
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
         if probe.dtype != self.compute_dtype:
             raise TypeError(f"QuantLinear keeps compute_dtype {self.compute_dtype}")
         if probe.device != self.device:
@@ -114,15 +125,22 @@ class QuantLinear(nn.Module):
         return self
 
     def _move(self, device: torch.device) -> None:
-        q = self.unpacked().to(device)
-        self.scales_and_zeros = self.scales_and_zeros.to(device)
+        q, sz = self.unpacked().to(device), self.scales_and_zeros.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
-        self.layout = _choose_layout(self)
-        self.qdata = _PACK[self.layout](q, self)
+        self._pack(q, sz)
+
+    def _pack(self, q: Tensor, scales_and_zeros: Tensor) -> None:
+        """Choose the layout for ``q``'s device and pack ``q`` (and for int4_vnni the scales)."""
+        self.layout = _choose_layout(self, q.device)
+        if self.layout == "int4_vnni":
+            self.qdata, self._scales_and_zeros = _pack_int4_vnni(q, scales_and_zeros, self), None
+        else:
+            self._scales_and_zeros = scales_and_zeros  # [in / g, out, 2]
+            self.qdata = _PACK[self.layout](q, self)
 
 
-def _choose_layout(m: QuantLinear) -> str:
-    on_cuda = m.device.type == "cuda"
+def _choose_layout(m: QuantLinear, device: torch.device) -> str:
+    on_cuda = device.type == "cuda"
     if _vnni_fits(m) and not on_cuda and native.int4_vnni() is not None:
         return "int4_vnni"
     if m.bits <= 4 and m.group_size in INT4_GROUP_SIZES and m.out_features % 16 == 0:
@@ -139,7 +157,7 @@ def _vnni_fits(m: QuantLinear) -> bool:
     """Whether the shapes and formats are the ones csrc/int4_vnni.c takes."""
     return (
         m.bits == 4 and m.compute_dtype == torch.bfloat16 and m.group_size % 64 == 0
-        and m.in_features % 128 == 0 and m.out_features % 16 == 0
+        and m.in_features % 64 == 0 and m.out_features % 16 == 0
     )  # fmt: skip
 
 
@@ -326,18 +344,35 @@ def _matmul_int4_cpu(x: Tensor, m: QuantLinear) -> Tensor:
     return torch._weight_int4pack_mm_for_cpu(x, packed, m.group_size, m.scales_and_zeros)
 
 
-def _pack_int4_vnni(q: Tensor, m: QuantLinear) -> Tensor:
-    blocks = q.view(m.out_features, -1, 2, 32)  # [out, in / 64, halves, 32]
-    return (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(m.out_features, -1)  # [out, in / 2]
+def _pack_int4_vnni(q: Tensor, scales_and_zeros: Tensor, m: QuantLinear) -> Tensor:
+    """``q[out, in]`` and ``scales_and_zeros[in / g, out, 2]`` -> ``[out / 16, in / g, 8 g + 64]``
+    uint8 (csrc/int4_vnni.c): per tile of 16 rows and group, the values, byte ``(c, r, j)``
+    ``= q[16 t + r, 8 c + j] | q[16 t + r, 8 c + 4 + j] << 4``, then the 16 rows' (s, z)."""
+    n, k, g = m.out_features, m.in_features, m.group_size
+    tiles = q.view(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [t, c, r, half, j]
+    values = (tiles[:, :, :, 0] | tiles[:, :, :, 1] << 4).reshape(n // 16, k // g, 8 * g)
+    pairs = scales_and_zeros.view(k // g, n // 16, 16, 2).transpose(0, 1).contiguous()
+    return torch.cat([values, pairs.view(torch.uint8).view(n // 16, k // g, 64)], dim=2)
 
 
 def _unpack_int4_vnni(qdata: Tensor, m: QuantLinear) -> Tensor:
-    blocks = qdata.view(m.out_features, -1, 1, 32)  # [out, in / 64, 1, 32]
-    return torch.cat([blocks & 15, blocks >> 4], dim=2).view(m.out_features, m.in_features)
+    n, k, g = m.out_features, m.in_features, m.group_size
+    tiles = qdata[..., : 8 * g].reshape(n // 16, k // 8, 16, 1, 4)  # [t, c, r, 1, j]
+    halves = torch.cat([tiles & 15, tiles >> 4], dim=3)  # [t, c, r, half, j]
+    return halves.permute(0, 2, 1, 3, 4).reshape(n, k)
+
+
+def _vnni_scales(m: QuantLinear) -> Tensor:
+    n, k, g = m.out_features, m.in_features, m.group_size
+    pairs = m.qdata[..., 8 * g :].contiguous().view(m.compute_dtype)  # [t, in / g, 32]
+    return pairs.view(n // 16, k // g, 16, 2).transpose(0, 1).reshape(k // g, n, 2)
 
 
 def _matmul_int4_vnni(x: Tensor, m: QuantLinear) -> Tensor:
-    return native.int4_vnni_matmul(x.float(), m.qdata, m.scales_and_zeros, m.group_size)
+    """x [M, in] -> [M, out] in x's dtype, bias included."""
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return native.int4_vnni_matmul(x, m.qdata, m.out_features, m.group_size, m.bias)
+    return _matmul_int4_vnni(x.float(), m).to(x.dtype)
 
 
 def _matmul_int4_cuda(x: Tensor, m: QuantLinear) -> Tensor:
@@ -365,9 +400,8 @@ def _matmul_bitpack(x: Tensor, m: QuantLinear) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-_PACK = {
+_PACK = {  # int4_vnni: _pack calls _pack_int4_vnni (it packs the scales too)
     "int4_cpu": _pack_int4_cpu,
-    "int4_vnni": _pack_int4_vnni,
     "int4_cuda": _pack_int4_cuda,
     "int8_rowwise": lambda q, m: (q ^ 0x80).view(torch.int8),
     "bitpack": lambda q, m: bitpack(q, m.bits),
@@ -379,9 +413,8 @@ _UNPACK = {
     "int8_rowwise": lambda data, m: data.view(torch.uint8) ^ 0x80,
     "bitpack": lambda data, m: bitunpack(data, m.bits),
 }
-_MATMUL = {
+_MATMUL = {  # int4_vnni: forward calls _matmul_int4_vnni (it adds the bias)
     "int4_cpu": _matmul_int4_cpu,
-    "int4_vnni": _matmul_int4_vnni,
     "int4_cuda": _matmul_int4_cuda,
     "int8_rowwise": _matmul_int8_rowwise,
     "bitpack": _matmul_bitpack,

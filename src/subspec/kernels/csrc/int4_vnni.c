@@ -1,131 +1,157 @@
-// Low-bit substitute matmul for x86 CPUs with AVX512-VNNI: y[M, N] = x[M, K] @ W[N, K]^T.
+// Low-bit substitute matmul for x86 CPUs with AVX512-VNNI: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
 //
-// W is 4-bit, grouped along K: W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n] with g = k / G,
-// and s, z bf16 pairs in sz[K / G, N, 2] (torch's int4 convention, read in place). Each group of
-// 64 values packs into 32 bytes: byte j holds q[j] (low nibble) and q[j + 32] (high nibble).
+// W is 4-bit, grouped along K: W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n] with g = k / G
+// (torch's int4 convention) and s, z bf16.
+//
+// W is held in tiles of 16 rows, each tile as K / G group records of 8 G + 64 bytes:
+//   w[N / 16, K / G, 8 G + 64]: the group's values, then its 16 (s, z) bf16 pairs,
+// where the values are interleaved for vpdpbusd: byte (c, r, j) of a record holds
+// q[16 t + r, 8 c + j] (low nibble) and q[16 t + r, 8 c + 4 + j] (high nibble). One 64-byte load
+// is then 16 rows x 8 values, and each 32-bit lane of a vpdpbusd is one row of W against 4
+// broadcast values of x: the sums land per row, so a tile's 16 outputs are one register, with
+// no horizontal reduction; and a thread reads one stream, front to back (with the scales in a
+// separate [K / G, N, 2] array, strided by N, a step was ~1.5x slower).
 //
 // x is quantized per 64 values to int8 (the draft's numerics need not match the target's: the
-// verifier keeps the output exact), so one block of 64 products is one vpdpbusd:
-//   sum_k W[n, k] x[k] ~= sum_b s (sa_b * dot(q_b, qx_b)) + (z - 8 s) * sum(x_b).
-// Tiles of W's rows are split across OpenMP threads: built with -fopenmp and loaded after
-// torch, the library binds to the libgomp torch already loaded, so both share one thread pool.
+// verifier keeps the output exact), so per block b of 64 values of K:
+//   sum_k W[n, k] x[k] ~= sum_b s (sx_b * dot(q_b, qx_b)) + (z - 8 s) * sum(x_b).
+// x may be float32 or bf16, y float32 or bf16 (rounded to nearest even), so that a bf16 forward
+// needs no casts around the call. Tiles are split across OpenMP threads: built with -fopenmp
+// and loaded after torch, the library binds to the libgomp torch already loaded, so both share
+// one thread pool.
 
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 64
+enum { TILE = 16, CHUNKS = BLOCK / 8, MAX_M = 4 };  // rows of W per tile; rows of x per pass
 
 typedef struct {
-    const uint8_t *qw;      // [N, K / 2]
-    const uint16_t *sz;     // [K / G, N, 2] bf16
-    const int8_t *qx;       // [M, K]
-    const float *sx;        // [M, K / 64] activation scales
-    const float *sumx;      // [M, K / 64] exact block sums of x
-    float *y;               // [M, N]
+    const uint8_t *w;      // [N / 16, K / G, 8 G + 64]: values and scales, see above
+    const uint16_t *bias;  // [N] bf16, or NULL
+    const int8_t *qx;      // [M, K]
+    const float *sx;       // [M, K / 64] activation scales
+    const float *sumx;     // [M, K / 64] exact block sums of x
+    void *y;               // [M, N] float32 or bf16
+    int y_bf16;
     int64_t m, n, k, group;
 } Job;
 
-static inline __m512i unpack_block(const uint8_t *packed) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256i bytes = _mm256_loadu_si256((const __m256i *)packed);
-    __m256i lo = _mm256_and_si256(bytes, nibble);                       // q[0..31]
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); // q[32..63]
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+static inline float bf16_to_float(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
-enum { TILE = 16, MAX_M = 4 };  // rows of W per tile (one zmm of scales); rows of x per pass
-// How far ahead in W to prefetch: measured 1-32 KB on the dev VM, 8 KB best (1.4 -> 1.1 ms
-// for 17920 x 1536 at 2 rows with the weights in DRAM).
-#define PREFETCH_BYTES 8192
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
 
-// The block scales of a tile of 16 rows of W for up to MAX_M rows of x, and the offset terms:
-// scale[b][i][r] = s[g(b), n0 + r] * sx[i, b];  offset[i][r] = sum_b (z - 8 s) * sumx[i, b].
-static void tile_scales(const Job *j, int64_t n0, int64_t m0, int64_t mm, float *scale,
-                        __m512 *offset) {
-    const int64_t blocks = j->k / BLOCK, per_group = j->group / BLOCK;
-    for (int64_t i = 0; i < mm; i++) offset[i] = _mm512_setzero_ps();
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static void store_row(const Job *j, int64_t row, int64_t n0, __m512 v) {
+    if (j->bias) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(j->bias + n0));
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+    if (!j->y_bf16) {
+        _mm512_storeu_ps((float *)j->y + row * j->n + n0, v);
+        return;
+    }
+    float lanes[TILE];
+    uint16_t out[TILE];
+    _mm512_storeu_ps(lanes, v);
+    for (int r = 0; r < TILE; r++) out[r] = float_to_bf16(lanes[r]);
+    memcpy((uint16_t *)j->y + row * j->n + n0, out, sizeof out);
+}
+
+// Tile t of W (rows 16 t .. 16 t + 15) against rows m0 .. m0 + mm of x; `mm` is a compile-time
+// constant after inlining, so that the accumulators stay in registers.
+static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_t t, int64_t m0,
+                                                            const int mm) {
+    const int64_t blocks = j->k / BLOCK, per_group = j->group / BLOCK, n0 = t * TILE;
+    const int64_t record = 8 * j->group + 64;  // bytes per group of a tile
+    const uint8_t *tile = j->w + t * (j->k / j->group) * record;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512 acc[MAX_M], offset[MAX_M];
+    for (int i = 0; i < mm; i++) acc[i] = offset[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *group = tile + (b / per_group) * record;
         // 16 (s, z) bf16 pairs: s in the low half of each 32-bit lane, z in the high half
-        const uint16_t *tile_pairs = j->sz + ((b / per_group) * j->n + n0) * 2;
-        const __m512i pairs = _mm512_loadu_si512(tile_pairs);
-        // the next tile's scales: one line per group, far apart, so the hardware misses them
-        if (b % per_group == 0) _mm_prefetch((const char *)(tile_pairs + 2 * TILE), _MM_HINT_T0);
+        const __m512i pairs = _mm512_loadu_si512(group + 8 * j->group);
         const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
         const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(-65536)));
         const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
-        for (int64_t i = 0; i < mm; i++) {
+
+        const uint8_t *wb = group + (b % per_group) * (BLOCK / 2) * TILE;
+        __m512i low[MAX_M], high[MAX_M];  // two dot-product chains per row of x
+        for (int i = 0; i < mm; i++) low[i] = high[i] = _mm512_setzero_si512();
+        for (int c = 0; c < CHUNKS; c++) {
+            const __m512i packed = _mm512_loadu_si512(wb + c * 64);
+            const __m512i lo = _mm512_and_si512(packed, nibble);                      // k 8c..8c+3
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);  // 8c+4..
+            for (int i = 0; i < mm; i++) {
+                const int8_t *x = j->qx + (m0 + i) * j->k + b * BLOCK + c * 8;
+                low[i] = _mm512_dpbusd_epi32(low[i], lo, _mm512_set1_epi32(load_i32(x)));
+                high[i] = _mm512_dpbusd_epi32(high[i], hi, _mm512_set1_epi32(load_i32(x + 4)));
+            }
+        }
+        for (int i = 0; i < mm; i++) {
             const int64_t r = (m0 + i) * blocks + b;
-            _mm512_storeu_ps(scale + (b * MAX_M + i) * TILE, _mm512_mul_ps(s, _mm512_set1_ps(j->sx[r])));
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(low[i], high[i]));
+            acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(j->sx[r])), acc[i]);
             offset[i] = _mm512_fmadd_ps(shift, _mm512_set1_ps(j->sumx[r]), offset[i]);
         }
     }
+    for (int i = 0; i < mm; i++) store_row(j, m0 + i, n0, _mm512_add_ps(acc[i], offset[i]));
 }
 
-// One row of W against `mm` rows of x (a compile-time constant after inlining, so that the
-// accumulators stay in registers); two accumulators per row of x break the FMA chain.
-static inline __attribute__((always_inline)) void row_dot(
-    const uint8_t *row, const int8_t *qx, const float *scale, int64_t blocks, int64_t r,
-    const int mm, float *out) {
-    __m512 even[MAX_M], odd[MAX_M];
-    for (int i = 0; i < mm; i++) even[i] = odd[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b += 2) {  // blocks is even: K % 128 == 0
-        _mm_prefetch((const char *)(row + PREFETCH_BYTES + b * (BLOCK / 2)), _MM_HINT_T0);
-        const __m512i w0 = unpack_block(row + b * (BLOCK / 2));
-        const __m512i w1 = unpack_block(row + (b + 1) * (BLOCK / 2));
-        for (int i = 0; i < mm; i++) {
-            const int8_t *x = qx + (i * blocks + b) * BLOCK;
-            const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x));
-            const __m512i d1 =
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + BLOCK));
-            even[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
-                                      _mm512_set1_ps(scale[(b * MAX_M + i) * TILE + r]), even[i]);
-            odd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                                     _mm512_set1_ps(scale[((b + 1) * MAX_M + i) * TILE + r]), odd[i]);
-        }
-    }
-    for (int i = 0; i < mm; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
-}
-
-// Rows n0 .. n0 + TILE of y; `scale` holds blocks * MAX_M * TILE floats of scratch.
-static void tile_kernel(const Job *j, int64_t n0, float *scale) {
-    const int64_t blocks = j->k / BLOCK;
-    float offset_lanes[MAX_M][TILE], dots[MAX_M];
+static void tile_kernel(const Job *j, int64_t t) {
     for (int64_t m0 = 0; m0 < j->m; m0 += MAX_M) {
-        const int64_t mm = j->m - m0 < MAX_M ? j->m - m0 : MAX_M;
-        const int8_t *qx = j->qx + m0 * j->k;
-        __m512 offset[MAX_M];
-        tile_scales(j, n0, m0, mm, scale, offset);
-        for (int64_t i = 0; i < mm; i++) _mm512_storeu_ps(offset_lanes[i], offset[i]);
-        for (int64_t r = 0; r < TILE; r++) {
-            const uint8_t *row = j->qw + (n0 + r) * (j->k / 2);
-            switch (mm) {
-                case 1: row_dot(row, qx, scale, blocks, r, 1, dots); break;
-                case 2: row_dot(row, qx, scale, blocks, r, 2, dots); break;
-                case 3: row_dot(row, qx, scale, blocks, r, 3, dots); break;
-                default: row_dot(row, qx, scale, blocks, r, 4, dots); break;
-            }
-            for (int64_t i = 0; i < mm; i++)
-                j->y[(m0 + i) * j->n + n0 + r] = dots[i] + offset_lanes[i][r];
+        switch (j->m - m0) {
+            case 1: tile_rows(j, t, m0, 1); break;
+            case 2: tile_rows(j, t, m0, 2); break;
+            case 3: tile_rows(j, t, m0, 3); break;
+            default: tile_rows(j, t, m0, 4); break;
         }
     }
 }
 
-// Per 64 values of x: scale amax / 127, int8 values, exact fp32 sum.
-static void quantize_activations(const float *x, int64_t count, int8_t *qx, float *sx,
+// 16 values of x as float32, from float32 or bf16.
+static inline __m512 load16(const void *x, int x_bf16, int64_t at) {
+    if (!x_bf16) return _mm512_loadu_ps((const float *)x + at);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Per 64 values of x: scale amax / 127, int8 values (rounded to nearest even), fp32 sum.
+static void quantize_activations(const void *x, int x_bf16, int64_t count, int8_t *qx, float *sx,
                                  float *sumx) {
     for (int64_t b = 0; b < count / BLOCK; b++) {
-        const float *v = x + b * BLOCK;
-        float amax = 0.0f, sum = 0.0f;
-        for (int i = 0; i < BLOCK; i++) {
-            amax = fmaxf(amax, fabsf(v[i]));
-            sum += v[i];
+        __m512 v[BLOCK / 16], amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+        for (int i = 0; i < BLOCK / 16; i++) {
+            v[i] = load16(x, x_bf16, b * BLOCK + i * 16);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+            sum = _mm512_add_ps(sum, v[i]);
         }
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int i = 0; i < BLOCK; i++) qx[b * BLOCK + i] = (int8_t)lrintf(v[i] * inv);
-        sx[b] = amax / 127.0f;
-        sumx[b] = sum;
+        const float top = _mm512_reduce_max_ps(amax);
+        const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        for (int i = 0; i < BLOCK / 16; i++) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // MXCSR: to even
+            _mm_storeu_si128((__m128i *)(qx + b * BLOCK + i * 16), _mm512_cvtsepi32_epi8(q));
+        }
+        sx[b] = top / 127.0f;
+        sumx[b] = _mm512_reduce_add_ps(sum);
     }
 }
 
@@ -136,10 +162,11 @@ int subspec_int4_vnni_supported(void) {
 }
 
 // Returns 0 on success, -1 on bad shapes, -2 when out of memory.
-int subspec_int4_vnni_matmul(const float *x, const uint8_t *qw, const uint16_t *sz, float *y,
-                             int64_t m, int64_t n, int64_t k, int64_t group, int threads) {
-    if (m < 1 || n < 1 || n % TILE || k % (2 * BLOCK) || group % BLOCK || k % group) return -1;
-    int8_t *qx = aligned_alloc(64, (size_t)(m * k));
+int subspec_int4_vnni_matmul(const void *x, int x_bf16, const uint8_t *w, const uint16_t *bias,
+                             void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int64_t group,
+                             int threads) {
+    if (m < 1 || n < 1 || n % TILE || k % BLOCK || group % BLOCK || k % group) return -1;
+    int8_t *qx = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
     float *sx = malloc(sizeof(float) * (size_t)(m * k / BLOCK) * 2);
     if (!qx || !sx) {
         free(qx);
@@ -147,18 +174,208 @@ int subspec_int4_vnni_matmul(const float *x, const uint8_t *qw, const uint16_t *
         return -2;
     }
     float *sumx = sx + m * k / BLOCK;
-    quantize_activations(x, m * k, qx, sx, sumx);
+    quantize_activations(x, x_bf16, m * k, qx, sx, sumx);
 
-    const Job job = {qw, sz, qx, sx, sumx, y, m, n, k, group};
+    const Job job = {w, bias, qx, sx, sumx, y, y_bf16, m, n, k, group};
     const int64_t tiles = n / TILE;
     if (n * k < (1 << 20)) threads = 1;  // too small to share
-#pragma omp parallel num_threads(threads)
-    {
-        float scale[k / BLOCK * MAX_M * TILE];  // each thread's tile scales: 4 bytes per column
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) tile_kernel(&job, t * TILE, scale);
-    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) tile_kernel(&job, t);
     free(qx);
     free(sx);
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One decoder layer of the draft in a single call: a substitute layer (four int4 linears) with
+// its norms, RoPE, cache writes and attention, for the few rows of a draft step. Called per
+// layer from torch, it replaces ~45 small torch ops (each a few microseconds) by one call.
+// Everything runs in fp32 between the bf16 input and output; the keys and values written to
+// the shared cache are rounded to bf16 as the torch path writes them. A draft's numerics need
+// not match the target's.
+
+typedef struct {
+    const uint8_t *w;      // values and scales, packed as above
+    const uint16_t *bias;  // [n] bf16 or NULL
+    int64_t n, k;
+} Int4Linear;
+
+typedef struct {
+    Int4Linear qkv, o, gate_up, down;
+    const uint16_t *attn_norm, *mlp_norm;  // [H] bf16
+    const uint16_t *q_norm, *k_norm;       // [D] bf16, or NULL (Qwen3 has them)
+    int64_t hidden, heads, kv_heads, head_dim, group;
+    float eps;
+} DraftLayer;
+
+static int linear_f32(const Int4Linear *l, int64_t group, const float *x, float *y, int64_t m,
+                      int threads) {
+    return subspec_int4_vnni_matmul(x, 0, l->w, l->bias, y, 0, m, l->n, l->k, group, threads);
+}
+
+// y[n] = x[n] / rms(x) * weight (fp32 out), over `n` values
+static void rms_norm_row(const float *x, const uint16_t *weight, int64_t n, float eps, float *y) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * bf16_to_float(weight[i]);
+}
+
+// Rotate-half RoPE on one head vector v[D] with this token's cos, sin rows (bf16, [D]).
+static void rope_row(float *v, const uint16_t *cos, const uint16_t *sin, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * bf16_to_float(cos[i]) - b * bf16_to_float(sin[i]);
+        v[i + half] = b * bf16_to_float(cos[i + half]) + a * bf16_to_float(sin[i + half]);
+    }
+}
+
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error ~2e-7), 2^n by scalef; 0 below -87 (and for -inf).
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+static inline __mmask16 first(int64_t n) { return (__mmask16)((1u << n) - 1); }  // n <= 16
+
+// In place: v[i] = e^(v[i] - shift) over n values; returns their sum.
+static float exp_shifted(float *v, int64_t n, float shift) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = first(n - i < 16 ? n - i : 16);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, v + i), _mm512_set1_ps(shift)));
+        _mm512_mask_storeu_ps(v + i, lanes, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+static inline __m512 load_bf16(__mmask16 lanes, const uint16_t *p) {
+    const __m256i v = _mm256_maskz_loadu_epi16(lanes, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// q[D] . k[D] (k bf16)
+static float dot_bf16(const float *q, const uint16_t *k, int64_t d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 lanes = first(d - i < 16 ? d - i : 16);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, q + i), load_bf16(lanes, k + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// out[D] += p * v[D] (v bf16)
+static void axpy_bf16(float p, const uint16_t *v, float *out, int64_t d) {
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 lanes = first(d - i < 16 ? d - i : 16);
+        const __m512 o = _mm512_maskz_loadu_ps(lanes, out + i);
+        _mm512_mask_storeu_ps(out + i, lanes, _mm512_fmadd_ps(_mm512_set1_ps(p), load_bf16(lanes, v + i), o));
+    }
+}
+
+// out[D] = softmax over the keys `mask` keeps of q . k_s / sqrt(D), applied to v; keys and
+// values are bf16 rows [S, D] of one kv head; `scores` holds kv_len floats of scratch.
+static void attend(const float *q, const uint16_t *keys, const uint16_t *values, const uint8_t *mask,
+                   int64_t kv_len, int64_t d, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float top = -INFINITY;
+    for (int64_t s = 0; s < kv_len; s++) {
+        scores[s] = mask && !mask[s] ? -INFINITY : dot_bf16(q, keys + s * d, d) * scale;
+        top = fmaxf(top, scores[s]);
+    }
+    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+    if (top == -INFINITY) return;  // nothing to attend to
+    const float total = exp_shifted(scores, kv_len, top);
+    for (int64_t s = 0; s < kv_len; s++)
+        if (!mask || mask[s]) axpy_bf16(scores[s] / total, values + s * d, out, d);
+}
+
+// act[F] = silu(gate[F]) * up[F]
+static void silu_mul(const float *gate, const float *up, float *act, int64_t f) {
+    for (int64_t i = 0; i < f; i += 16) {
+        const __mmask16 lanes = first(f - i < 16 ? f - i : 16);
+        const __m512 g = _mm512_maskz_loadu_ps(lanes, gate + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));  // e^-g
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(act + i, lanes, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, up + i)));
+    }
+}
+
+// x[T, H] bf16 is replaced by the layer's output. k_cache, v_cache: this layer's [Hkv, S, D]
+// bf16 cache; the T new keys and values go to `slots`; mask [T, kv_len] (1 = attend) or NULL.
+// Returns 0, -1 on bad shapes, -2 when out of memory.
+int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint16_t *cos,
+                        const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache,
+                        int64_t capacity, const int64_t *slots, const uint8_t *mask,
+                        int64_t kv_len, int threads) {
+    const int64_t h = L->hidden, hq = L->heads, hkv = L->kv_heads, d = L->head_dim;
+    const int64_t width = (hq + 2 * hkv) * d, ffn = L->gate_up.n / 2;
+    if (t < 1 || kv_len > capacity || L->qkv.n != width || L->o.k != hq * d || L->down.k != ffn)
+        return -1;
+    const int64_t floats = t * (3 * h + width + hq * d + 3 * ffn) + t * hq * kv_len;
+    float *scratch = malloc(sizeof(float) * (size_t)floats);
+    if (!scratch) return -2;
+    float *res = scratch, *normed = res + t * h, *proj = normed + t * h;  // [T, H] each
+    float *qkv = proj + t * h, *att = qkv + t * width, *gu = att + t * hq * d;
+    float *act = gu + 2 * t * ffn, *scores = act + t * ffn;  // scores: [T, Hq, kv_len]
+    for (int64_t i = 0; i < t * h; i++) res[i] = bf16_to_float(x[i]);
+
+    int rc = 0;
+    for (int64_t r = 0; r < t; r++) rms_norm_row(res + r * h, L->attn_norm, h, L->eps, normed + r * h);
+    rc |= linear_f32(&L->qkv, L->group, normed, qkv, t, threads);
+    for (int64_t r = 0; r < t && rc == 0; r++) {
+        float *row = qkv + r * width;  // q heads, k heads, v heads
+        for (int64_t j = 0; j < hq + hkv; j++) {
+            float *head = row + j * d;
+            const uint16_t *norm = j < hq ? L->q_norm : L->k_norm;
+            if (norm) rms_norm_row(head, norm, d, L->eps, head);
+            rope_row(head, cos + r * d, sin + r * d, d);
+        }
+        for (int64_t j = 0; j < hkv; j++) {  // write this token's keys and values
+            const int64_t at = (j * capacity + slots[r]) * d;
+            for (int64_t i = 0; i < d; i++) {
+                k_cache[at + i] = float_to_bf16(row[(hq + j) * d + i]);
+                v_cache[at + i] = float_to_bf16(row[(hq + hkv + j) * d + i]);
+            }
+        }
+    }
+    if (rc == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (t * hq * kv_len > 4096)
+        for (int64_t p = 0; p < t * hq; p++) {
+            const int64_t r = p / hq, head = p % hq, kvh = head / (hq / hkv);
+            attend(qkv + r * width + head * d, k_cache + kvh * capacity * d,
+                   v_cache + kvh * capacity * d, mask ? mask + r * kv_len : NULL, kv_len, d,
+                   scores + p * kv_len, att + (r * hq + head) * d);
+        }
+        rc |= linear_f32(&L->o, L->group, att, proj, t, threads);
+    }
+    if (rc == 0) {
+        for (int64_t i = 0; i < t * h; i++) res[i] += proj[i];
+        for (int64_t r = 0; r < t; r++) rms_norm_row(res + r * h, L->mlp_norm, h, L->eps, normed + r * h);
+        rc |= linear_f32(&L->gate_up, L->group, normed, gu, t, threads);
+    }
+    if (rc == 0) {
+        for (int64_t r = 0; r < t; r++)
+            silu_mul(gu + r * 2 * ffn, gu + r * 2 * ffn + ffn, act + r * ffn, ffn);
+        rc |= linear_f32(&L->down, L->group, act, proj, t, threads);
+    }
+    if (rc == 0)
+        for (int64_t i = 0; i < t * h; i++) x[i] = float_to_bf16(res[i] + proj[i]);
+    free(scratch);
+    return rc ? -1 : 0;
 }

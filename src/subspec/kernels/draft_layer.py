@@ -1,0 +1,105 @@
+"""A substitute decoder layer in one native call (csrc/int4_vnni.c, `subspec_draft_layer`).
+
+A draft step runs every substitute layer for a few rows; through torch, each layer is ~45
+small ops (norms, RoPE, cache writes, attention, casts) of a few microseconds each, as much
+time as the layer's int4 matmuls. The fused layer does the same arithmetic in fp32 inside one
+call. It takes bf16 activations and a bf16 cache on CPU, with all four linears in the
+``int4_vnni`` layout; anything else runs the torch path (model/forward.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from subspec.kernels import native
+
+_VOID, _I64 = ctypes.c_void_p, ctypes.c_int64
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+class _Int4Linear(ctypes.Structure):
+    _fields_ = [("w", _VOID), ("bias", _VOID), ("n", _I64), ("k", _I64)]
+
+
+class _DraftLayer(ctypes.Structure):
+    _fields_ = [
+        *((name, _Int4Linear) for name in LINEARS),
+        *((name, _VOID) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm")),
+        *((name, _I64) for name in ("hidden", "heads", "kv_heads", "head_dim", "group")),
+        ("eps", ctypes.c_float),
+    ]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = native.int4_vnni()
+    if lib is None:
+        return None
+    lib.subspec_draft_layer.restype = ctypes.c_int
+    lib.subspec_draft_layer.argtypes = [_VOID] * 7 + [_I64, _VOID, _VOID, _I64, ctypes.c_int]
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedDraftLayer:
+    """Callable as ``(cfg, x, cos, sin, cache, layer, slots, mask, kv_len) -> x`` for a layer
+    of low-bit substitutes; see `fits` for when it applies."""
+
+    def __init__(self, linears: dict, norms: dict[str, torch.Tensor | None]):
+        self.linears = linears  # name -> QuantLinear (int4_vnni)
+        self.norms = norms  # attn_norm, mlp_norm, q_norm, k_norm: [H] / [D] bf16 or None
+        self._struct: _DraftLayer | None = None
+        self._packed: tuple = ()  # the qdata tensors the struct points into
+
+    @staticmethod
+    def fits(linears: dict, norms: dict[str, torch.Tensor | None]) -> bool:
+        """Whether the fused kernel takes this layer: all linears int4_vnni with one group
+        size, bf16 CPU norms, and the kernel library loaded."""
+        if _lib() is None or any(getattr(linears[n], "layout", None) != "int4_vnni" for n in LINEARS):
+            return False
+        groups = {linears[n].group_size for n in LINEARS}
+        tensors = [t for t in norms.values() if t is not None]
+        return len(groups) == 1 and all(
+            t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
+            for t in tensors
+        )
+
+    def __call__(self, cfg, x, cos, sin, cache, layer, slots, mask, kv_len) -> torch.Tensor:
+        """The layer's output [T, H] bf16 for x [T, H] bf16 (cos, sin [T, D] bf16; slots [T];
+        mask [T, kv_len] bool or None); writes the T keys and values into `cache`."""
+        out = x.contiguous().clone()  # [T, H], replaced in place by the kernel
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # [Hkv, S, D] each
+        rc = _lib().subspec_draft_layer(
+            ctypes.byref(self._layer(cfg)), out.data_ptr(), out.shape[0],
+            cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), cache.capacity,
+            slots.to(torch.int64).contiguous().data_ptr(),
+            None if mask is None else mask.contiguous().data_ptr(), kv_len,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"fused draft layer failed ({rc}) for x {tuple(x.shape)}")
+        return out
+
+    def _layer(self, cfg) -> _DraftLayer:
+        """The kernel's view of the weights, rebuilt if a linear was repacked since."""
+        packed = tuple(self.linears[n].qdata for n in LINEARS)
+        if self._struct is None or any(a is not b for a, b in zip(packed, self._packed)):
+            lin = {
+                n: _Int4Linear(_ptr(m.qdata), _ptr(m.bias), m.out_features, m.in_features)
+                for n, m in ((n, self.linears[n]) for n in LINEARS)
+            }
+            norms = {n: _ptr(t) for n, t in self.norms.items()}
+            self._struct = _DraftLayer(
+                **lin, **norms, hidden=cfg.hidden_size, heads=cfg.num_heads,
+                kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                group=self.linears["qkv"].group_size, eps=cfg.rms_norm_eps,
+            )  # fmt: skip
+            self._packed = packed
+        return self._struct

@@ -1,0 +1,56 @@
+"""The fused substitute layer (kernels/draft_layer.py) against the torch path it replaces."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from subspec.kernels import native
+from subspec.spec.decoding import prefill
+
+from helpers import make_runtime, minimum_budget, write_tiny
+
+pytestmark = pytest.mark.skipif(
+    native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"
+)
+
+
+def _draft_step(drafter, start: int):
+    """One tree level of 3 nodes after `start` committed tokens, the last one attending to
+    the prefix and itself only: logits [3, V] and the keys, values written [L, Hkv, 3, D]."""
+    tokens = torch.tensor([5, 17, 42])
+    slots = torch.arange(start, start + 3)
+    mask = torch.ones(3, start + 3, dtype=torch.bool)
+    mask[:2, start + 2] = False
+    mask[2, start : start + 2] = False
+    logits = drafter.step(tokens, torch.full((3,), start), slots, mask, start + 3)
+    cache = drafter.target.cache
+    return logits, cache.k[:, :, slots].clone(), cache.v[:, :, slots].clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, qkv bias, q/k norms
+def test_fused_draft_layer_matches_torch_path(tmp_path, family):
+    path = write_tiny(family, tmp_path / family)
+    methods = ("vanilla", "subspec")
+    budget = minimum_budget(path, methods, dtype="bfloat16")
+    rt = make_runtime(path, methods, budget=budget, dtype="bfloat16")
+    drafter = rt.drafters["subspec"]
+    layers = drafter.layers.resident
+    fused = {i for i, w in layers.items() if w.fused is not None}
+    assert fused, "no substitute layer runs fused"
+    prompt = rt.encode_prompt("the cat sat on the mat", chat=True)
+    prefill(rt.target, prompt, 512)
+
+    got = _draft_step(drafter, len(prompt))
+    for i in fused:
+        layers[i] = dataclasses.replace(layers[i], fused=None)
+    want = _draft_step(drafter, len(prompt))
+
+    for a, b in zip(got, want, strict=True):
+        a, b = a.float(), b.float()
+        # Both round activations to int8 per 64 values; the fused layer keeps fp32 between its
+        # ops where torch rounds to bf16 (per layer it is the closer of the two to an fp32
+        # reference over the dequantized weights). A wrong sign or index errs by 50% or more.
+        assert ((a - b).abs().max() / b.abs().max()).item() < 0.06
+        assert ((a - b).norm() / b.norm()).item() < 0.05
+    assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))
