@@ -4,11 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import make_runtime, minimum_budget, write_tiny
 
 from subspec.kernels import native
 from subspec.spec.decoding import prefill
-
-from helpers import make_runtime, minimum_budget, write_tiny
 
 pytestmark = pytest.mark.skipif(
     native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"

@@ -55,13 +55,14 @@ class FusedDraftLayer:
         self.linears = linears  # name -> QuantLinear (int4_vnni)
         self.norms = norms  # attn_norm, mlp_norm, q_norm, k_norm: [H] / [D] bf16 or None
         self._struct: _DraftLayer | None = None
-        self._packed: tuple = ()  # the qdata tensors the struct points into
+        self._packed: tuple = (None,) * len(LINEARS)  # the qdata tensors the struct points into
 
     @staticmethod
     def fits(linears: dict, norms: dict[str, torch.Tensor | None]) -> bool:
         """Whether the fused kernel takes this layer: all linears int4_vnni with one group
         size, bf16 CPU norms, and the kernel library loaded."""
-        if _lib() is None or any(getattr(linears[n], "layout", None) != "int4_vnni" for n in LINEARS):
+        layouts = {getattr(linears[n], "layout", None) for n in LINEARS}
+        if _lib() is None or layouts != {"int4_vnni"}:
             return False
         groups = {linears[n].group_size for n in LINEARS}
         tensors = [t for t in norms.values() if t is not None]
@@ -90,7 +91,8 @@ class FusedDraftLayer:
     def _layer(self, cfg) -> _DraftLayer:
         """The kernel's view of the weights, rebuilt if a linear was repacked since."""
         packed = tuple(self.linears[n].qdata for n in LINEARS)
-        if self._struct is None or any(a is not b for a, b in zip(packed, self._packed)):
+        stale = any(a is not b for a, b in zip(packed, self._packed, strict=True))
+        if self._struct is None or stale:
             lin = {
                 n: _Int4Linear(_ptr(m.qdata), _ptr(m.bias), m.out_features, m.in_features)
                 for n, m in ((n, self.linears[n]) for n in LINEARS)
