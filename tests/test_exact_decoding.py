@@ -87,7 +87,7 @@ def test_causal_prefill_rows_equal_one_token_steps_bitwise(exact_vanilla):
 @pytest.mark.parametrize("share", [0.7, 0.0])
 def test_bf16_subspec_greedy_equals_vanilla(tiny_model_dir, exact_vanilla, spec, share):
     full = exact_vanilla.placement.resident_bytes
-    budget = max(int(share * full), _minimum(tiny_model_dir, ("subspec",)))
+    budget = max(int(share * full), _minimum(tiny_model_dir, ("subspec",), spec=spec))
     runtime = make_runtime(tiny_model_dir, ("subspec",), budget, "bfloat16", spec)
     assert runtime.cfg.exact and runtime.placement.streams
     for prompt in PROMPTS:
@@ -122,7 +122,7 @@ def test_sampling_is_seed_exact_across_methods(tiny_model_dir, dtype):
         assert generate(spec, "subspec", PROMPTS[1], 16, sampling)[0] == want, seed
 
 
-def _minimum(model_dir, methods, dtype="bfloat16") -> int:
+def _minimum(model_dir, methods, dtype="bfloat16", spec=None) -> int:
     with pytest.raises(SubspecError, match="below this model's minimum") as err:
-        make_runtime(model_dir, methods, budget=1, dtype=dtype)
+        make_runtime(model_dir, methods, budget=1, dtype=dtype, spec=spec)
     return int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))

@@ -325,21 +325,53 @@ def _walk(tree, logits, cfg, gen) -> tuple[list[int], int]:
     return verdict.nodes.tolist(), verdict.bonus
 
 
-def test_depth_chooser_follows_acceptance_and_costs():
-    from subspec.spec.shape import START_DEPTH, DepthChooser
+def _rounds(chooser, accepted, rounds=4, depth=16, width=2, step_s=0.1, verify_s=2.0, wait_s=1.0):
+    """Feed `rounds` rounds of one shape, each with these accepted lengths by width."""
+    for _ in range(rounds):
+        chooser.observe_steps(width, depth * step_s, depth)
+        chooser.observe_round(depth, list(accepted), 1 + depth * width, verify_s, wait_s)
 
-    assert DepthChooser(SpecConfig(depth=7)).depth() == 7
-    chooser = DepthChooser(SpecConfig(max_depth=32))
-    assert chooser.depth() == START_DEPTH  # nothing measured yet
-    for _ in range(4):  # every round accepts its whole tree: deeper pays
-        chooser.observe(16, 16, draft_s=1.6, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
-    deep = chooser.depth()
+
+def test_shape_chooser_depth_follows_acceptance_and_costs():
+    from subspec.spec.shape import START_DEPTH, ShapeChooser
+
+    assert ShapeChooser(SpecConfig(depth=7, width=2)).shape().depth == 7
+    chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
+    assert chooser.shape().depth == START_DEPTH  # nothing measured yet
+    _rounds(chooser, [16, 16])  # every round accepts its whole tree: deeper pays
+    deep = chooser.shape().depth
     assert deep > 16
-    poor = DepthChooser(SpecConfig(max_depth=32))
+    poor = ShapeChooser(SpecConfig(max_depth=32, width=2))
     for accepted in (0, 1, 0, 2):  # the draft is rarely right: shallow trees pay
-        poor.observe(16, accepted, draft_s=1.6, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
-    assert poor.depth() < 4
-    slow = DepthChooser(SpecConfig(max_depth=32))
-    for _ in range(4):  # the same acceptance with draft steps 10x dearer: shallower
-        slow.observe(16, 16, draft_s=16.0, steps=16, tree_size=33, verify_s=2.0, wait_s=1.0)
-    assert slow.depth() < deep
+        _rounds(poor, [accepted, accepted], rounds=1)
+    assert poor.shape().depth < 4
+    slow = ShapeChooser(SpecConfig(max_depth=32, width=2))
+    _rounds(slow, [16, 16], step_s=1.0)  # the same acceptance, draft steps 10x dearer
+    assert slow.shape().depth < deep
+
+
+def test_shape_chooser_width_follows_acceptance_and_costs():
+    from subspec.spec.shape import EXPLORE_EVERY, ShapeChooser
+
+    wide_pays = ShapeChooser(SpecConfig(max_width=4))
+    _rounds(wide_pays, [1, 3, 12, 16], rounds=3, width=4)  # wider trees accept far more
+    assert wide_pays.shape().width >= 3
+    narrow_pays = ShapeChooser(SpecConfig(max_width=4))
+    # width buys nothing, and the pass's compute (not hidden: no waiting) grows with the tree
+    _rounds(narrow_pays, [8, 8, 8, 8], rounds=3, width=4, verify_s=2.0, wait_s=0.0)
+    assert narrow_pays.shape().width == 1
+    assert ShapeChooser(SpecConfig(width=3)).shape().width == 3
+    # under width auto the widest tree runs now and then, to keep measuring every width
+    explore = ShapeChooser(SpecConfig(max_width=4))
+    _rounds(explore, [8, 8], rounds=EXPLORE_EVERY + 2, width=2, wait_s=0.0)
+    assert explore.shape().width == 4
+
+
+def test_accepted_by_width_reads_ranks_per_level():
+    from subspec.spec.shape import accepted_by_width
+
+    # width 3: level 1 holds nodes 1-3, level 2 nodes 4-6, level 3 nodes 7-9 (best first)
+    path = torch.tensor([1, 5, 9])  # ranks 0, 1, 2
+    assert accepted_by_width(path, 3) == [1, 2, 3]
+    assert accepted_by_width(torch.tensor([2, 4]), 3) == [0, 2, 2]
+    assert accepted_by_width(torch.tensor([], dtype=torch.long), 2) == [0, 0]

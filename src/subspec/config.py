@@ -43,14 +43,18 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+AUTO_WIDTH_NODES = 2  # under width auto, trees hold at most as many nodes as at this width
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Tree drafting settings (see DESIGN.md: D, k, T_d)."""
 
     # CPU defaults, chosen by measurement (README): the paper's GPU shape is D=48, k=6
     depth: int | None = None  # None: chosen every round from measured costs (spec/shape.py)
-    width: int = 2
+    width: int | None = None  # likewise
     max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
+    max_width: int = 4  # the widest tree width=None may choose
     draft_temperature: float = 0.2
     verify_nodes: int = 0  # verify only the best-scoring nodes of the drafted tree (0 = all)
     bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
@@ -62,7 +66,8 @@ class SpecConfig:
     overlap: bool = True  # draft the next tree while the verification pass waits for weights
 
     def __post_init__(self) -> None:
-        if (self.depth is not None and self.depth < 1) or self.width < 1 or self.max_depth < 1:
+        shape = (self.depth, self.width, self.max_depth, self.max_width)
+        if any(v is not None and v < 1 for v in shape):
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
         if self.verify_nodes < 0:
             raise SubspecError(f"verify nodes must be >= 0, got {self.verify_nodes}")
@@ -76,7 +81,8 @@ class SpecConfig:
     @property
     def tree_size(self) -> int:
         """Nodes of the largest tree a round may draft."""
-        return 1 + (self.depth or self.max_depth) * self.width
+        # width auto keeps width 2's node count: wider trees are shallower (spec/shape.py)
+        return 1 + (self.depth or self.max_depth) * (self.width or AUTO_WIDTH_NODES)
 
     @property
     def cache_slots(self) -> int:

@@ -43,12 +43,19 @@ def model_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("speculation")
     s.add_argument("--method", default=None, choices=METHODS,
                    help="default: subspec when the model streams, else vanilla")  # fmt: skip
-    s.add_argument("--depth", type=_depth, default="auto",
+    s.add_argument("--depth", type=_auto_or_int, default="auto",
                    help="tree depth D, or auto: chosen every round from this machine's measured "
                    "draft, verification and transfer times and the acceptance so far")  # fmt: skip
     s.add_argument("--max-depth", type=int, default=SpecConfig.max_depth,
                    help="the deepest tree --depth auto may choose")  # fmt: skip
-    s.add_argument("--width", type=int, default=SpecConfig.width, help="tree width k")
+    s.add_argument("--max-width", type=int, default=SpecConfig.max_width,
+                   help="the widest tree --width auto may choose")  # fmt: skip
+    s.add_argument(
+        "--width",
+        type=_auto_or_int,
+        default="auto",
+        help="tree width k, or auto: chosen with the depth from the same figures",
+    )
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
     s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
                    help="verify only the best-scoring nodes of the tree (0 = all)")  # fmt: skip
@@ -122,7 +129,7 @@ def memory_budget(args) -> int | None:
 
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
-        depth=args.depth, max_depth=args.max_depth, width=args.width,
+        depth=args.depth, max_depth=args.max_depth, width=args.width, max_width=args.max_width,
         draft_temperature=args.draft_temperature,
         verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
@@ -145,8 +152,8 @@ def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
     )  # fmt: skip
 
 
-def _depth(text: str) -> int | None:
-    """--depth: a positive integer, or auto (None)."""
+def _auto_or_int(text: str) -> int | None:
+    """--depth, --width: a whole number, or auto (None)."""
     if text == "auto":
         return None
     try:

@@ -55,6 +55,7 @@ def _spec_figures(per_prompt: list[GenerationStats], runtime) -> dict:
     overlap_s = sum(x.overlap_s for x in specs)
     steps = sum(x.draft_steps for x in specs)
     depths = [d for x in specs for d in x.depths]
+    widths = [k for x in specs for k in x.widths]
     step_s = (draft_s + overlap_s) / steps if steps else 0.0
     step_bytes = draft_bytes_per_step(runtime)
     return {
@@ -69,7 +70,7 @@ def _spec_figures(per_prompt: list[GenerationStats], runtime) -> dict:
         "draft_read_bytes_per_s": step_bytes / step_s if step_s else 0.0,
         "lookahead_hits": sum(x.lookahead_hits for x in specs),
         "depth": sum(depths) / len(depths) if depths else 0.0,
-        "width": runtime.cfg.spec.width,
+        "width": sum(widths) / len(widths) if widths else 0.0,
         "accept_lengths": [a for x in specs for a in x.accept_lengths],
         "round_parts": [r for x in specs for r in x.rounds],
     }
@@ -179,7 +180,7 @@ def _row(name: str, r: dict) -> list[str]:
         wait = r.get("transfer_wait_s")
         return cells + [""] * 5 + ["" if wait is None else f"{wait:.1f}", "", ""]
     return cells + [
-        f"{r['depth']:.1f}x{r['width']}", f"{r['round_s']:.2f}", f"{r['draft_s']:.1f}",
+        f"{r['depth']:.1f}x{r['width']:.1f}", f"{r['round_s']:.2f}", f"{r['draft_s']:.1f}",
         f"{r['overlap_s']:.1f}", f"{r['verify_s']:.1f}", f"{r['transfer_wait_s']:.1f}",
         f"{r['limit_tokens_per_s']:.2f}", f"{r['draft_step_s'] * 1e3:.0f}",
     ]  # fmt: skip

@@ -41,7 +41,6 @@ class Session:
         spec = None
         if method != "vanilla":
             rounds = len(c.accept_lengths)
-            shape = self.runtime.cfg.spec
             spec = SpecStats(
                 tau=decode_tokens / rounds if rounds else 0.0,
                 draft_s=round(c.draft_s, 4),
@@ -50,7 +49,8 @@ class Session:
                 draft_steps=c.draft_steps + c.lookahead_steps,
                 lookahead_hits=c.lookahead_hits,
                 depth=round(sum(c.depths) / len(c.depths), 2) if c.depths else 0.0,
-                width=shape.width,
+                width=round(sum(c.widths) / len(c.widths), 2) if c.widths else 0.0,
+                widths=list(c.widths),
                 depths=list(c.depths),
                 accept_lengths=list(c.accept_lengths),
                 rounds=[[round(t, 4) for t in r] for r in c.rounds],

@@ -30,8 +30,9 @@ class SpecStats:
     draft_steps: int  # draft forwards in all (in the open and drafted ahead)
     lookahead_hits: int  # rounds whose tree had been drafted ahead
     depth: float  # tree shape: the mean depth of the rounds (chosen each round with auto)
-    width: int
+    width: float  # likewise, the mean width
     depths: list[int]  # each round's tree depth
+    widths: list[int]  # each round's tree width
     accept_lengths: list[int]  # accepted draft tokens per round
     rounds: list[list[float]]  # each round's [draft, verify, overlap] seconds
 

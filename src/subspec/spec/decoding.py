@@ -19,7 +19,7 @@ from subspec.model.forward import causal_mask
 from subspec.model.placed import PlacedModel
 from subspec.spec.lookahead import Lookahead
 from subspec.spec.sampling import choose
-from subspec.spec.shape import DepthChooser
+from subspec.spec.shape import ShapeChooser, accepted_by_width
 from subspec.spec.tree import TreeBuilder
 from subspec.spec.verify import walk
 
@@ -40,11 +40,13 @@ class DecodeStats:
     # each round's (draft, verify, overlap) seconds, as add_round's arguments
     rounds: list[tuple[float, float, float]] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # tree depth of each round
+    widths: list[int] = field(default_factory=list)  # tree width of each round
     margins: list[float] = field(default_factory=list)  # vanilla greedy: top-2 logit gap per token
 
     def add_round(self, draft_s: float, verify_s: float, overlap_s: float, accepted: int,
-                  depth: int) -> None:  # fmt: skip
+                  depth: int, width: int) -> None:  # fmt: skip
         self.depths.append(depth)
+        self.widths.append(width)
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.overlap_s += overlap_s
@@ -120,12 +122,13 @@ def speculative(
     cache, device, streamed = target.cache, target.device, target.layers.streamer
     yield [pending]
     builder = None  # the next tree, when drafted ahead
-    chooser = DepthChooser(spec)
+    chooser = ShapeChooser(spec)
     while True:
         start = cache.length
         t0 = _clock(device)
         if builder is None:
-            builder = TreeBuilder(pending, chooser.depth(), spec.width, spec.draft_temperature,
+            shape = chooser.shape()
+            builder = TreeBuilder(pending, shape.depth, shape.width, spec.draft_temperature,
                                   drafter.step, device, base=start)  # fmt: skip
         else:
             stats.lookahead_hits += 1
@@ -137,7 +140,7 @@ def speculative(
         t1 = _clock(device)
         ahead = None
         if spec.overlap and streamed is not None:
-            ahead = Lookahead(drafted, start, spec, chooser.depth(), drafter.step, device)
+            ahead = Lookahead(drafted, start, spec, chooser.shape(), drafter.step, device)
         wait0 = _waited(streamed)
         with streamed.while_waiting(ahead.work) if ahead else nullcontext():
             hidden = target.forward(
@@ -150,15 +153,19 @@ def speculative(
         wait_s = _waited(streamed) - wait0
         overlap_s, ahead_steps = (ahead.work_s, ahead.steps) if ahead else (0.0, 0)
         draft_s, verify_s = t1 - t0, t2 - t1 - overlap_s
-        stats.add_round(draft_s, verify_s, overlap_s, verdict.accepted, builder.depth)
+        stats.add_round(draft_s, verify_s, overlap_s, verdict.accepted, builder.depth,
+                        builder.width)  # fmt: skip
         stats.draft_steps += open_steps
         stats.lookahead_steps += ahead_steps
-        chooser.observe(builder.depth, verdict.accepted, draft_s + overlap_s,
-                        open_steps + ahead_steps, tree.size, verify_s, wait_s)  # fmt: skip
         nodes = verdict.nodes  # [a] on device
+        drafted_path = tree.origin[nodes]
+        chooser.observe_steps(builder.width, draft_s, open_steps)
+        if ahead:
+            chooser.observe_steps(ahead.shape.width, overlap_s, ahead_steps)
+        chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
+                              tree.size, verify_s, wait_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
-        drafted_path = tree.origin[nodes]
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
         builder = ahead.take(drafted_path.tolist(), verdict.bonus, drafter) if ahead else None
         pending = verdict.bonus

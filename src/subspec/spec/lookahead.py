@@ -14,6 +14,7 @@ import time
 import torch
 
 from subspec.config import SpecConfig
+from subspec.spec.shape import Shape
 from subspec.spec.tree import DraftStep, Tree, TreeBuilder
 
 
@@ -21,10 +22,10 @@ class Lookahead:
     """The next round's tree, drafted ahead of the walk on a guess about its outcome."""
 
     def __init__(
-        self, drafted: Tree, start: int, spec: SpecConfig, depth: int, step: DraftStep, device
+        self, drafted: Tree, start: int, spec: SpecConfig, shape: Shape, step: DraftStep, device
     ):  # fmt: skip
-        """`depth`: the next tree's depth."""
-        self.drafted, self.start, self.spec, self.depth = drafted, start, spec, depth
+        """`shape`: the next tree's."""
+        self.drafted, self.start, self.spec, self.shape = drafted, start, spec, shape
         self.step_fn, self.device = step, device
         last = drafted.depths == drafted.depths.max()
         scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
@@ -66,7 +67,7 @@ class Lookahead:
         self.guess = int(logits[0].argmax())
         spec = self.spec
         self.builder = TreeBuilder(
-            self.guess, self.depth, spec.width, spec.draft_temperature, self.step_fn,
+            self.guess, self.shape.depth, self.shape.width, spec.draft_temperature, self.step_fn,
             self.device, base=kv_len, pos0=s + depth + 1, context=context,
         )  # fmt: skip
 

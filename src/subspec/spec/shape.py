@@ -1,61 +1,109 @@
-"""Choosing each round's tree depth from what this generation has measured.
+"""Choosing each round's tree shape (depth D, width k) from what this generation has measured.
 
-Expected tokens per round, E(D) = 1 + sum over d <= D of S(d), where S(d) is the share of
-rounds whose tree reached depth d that accepted at least d tokens (beyond the deepest depth
-seen, S decays at the last observed per-depth rate). A round costs D draft steps plus a
-verification pass: the pass's mean time while its compute, grown with the tree's size,
-stays hidden behind the transfers it waited for. The depth with the most tokens per second
-wins, re-chosen after every round.
+Expected tokens per round, E(D, k) = 1 + sum over d <= D of S_k(d), where S_k(d) is the share
+of rounds whose tree reached depth d that accepted at least d tokens with a width-k tree
+(beyond the deepest depth seen, S decays at the last observed per-depth rate). A round drafted
+at width k also tells what a narrower tree would have accepted: level by level the nodes are
+kept best first, so a narrower tree holds the accepted path up to its first node ranked k' or
+lower (`accepted_by_width`); a narrower round counts for a wider tree with its own
+acceptance, a lower bound. A round costs D draft steps at width k (each width's mean step
+time, as measured) plus a verification pass: the pass's mean time while its compute, grown
+with the tree's size, stays hidden behind the transfers it waited for. The shape with the
+most tokens per second wins among those with no more nodes than the KV cache was sized for
+(spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
+widest tree runs once, so that every width's acceptance keeps being measured.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from subspec.config import SpecConfig
 
 START_DEPTH = 16  # before anything is measured (the CPU shape measured best, BENCHMARKS.md)
+START_WIDTH = 2
 MAX_RATE = 0.98  # the per-depth acceptance rate an extrapolation may assume at most
+EXPLORE_EVERY = 8  # rounds between two rounds at the widest width, under width auto
 
 
-class DepthChooser:
-    """The tree depth for the next round: spec.depth when fixed, else chosen from costs."""
+@dataclass(frozen=True)
+class Shape:
+    depth: int
+    width: int
+
+
+def accepted_by_width(origin: torch.Tensor, width: int) -> list[int]:
+    """Accepted lengths a tree of width 1 .. `width` would have given: `origin` [a] holds
+    the accepted nodes' indices as drafted (level L's nodes are 1 + (L - 1) width + rank)."""
+    ranks = ((origin - 1) % width).tolist()  # [a], rank of each accepted node in its level
+    lengths = []
+    for k in range(1, width + 1):
+        lengths.append(next((d for d, r in enumerate(ranks) if r >= k), len(ranks)))
+    return lengths
+
+
+class ShapeChooser:
+    """The tree shape for the next round: spec.depth / spec.width where fixed, else chosen
+    from costs (see the module docstring)."""
 
     def __init__(self, spec: SpecConfig):
-        self.fixed, self.width, self.max_depth = spec.depth, spec.width, spec.max_depth
-        self.rounds: list[tuple[int, int]] = []  # (depth, accepted) of each round
-        self.step_s = self.steps = 0.0  # draft time and steps (in the open and ahead)
+        self.fixed_depth, self.fixed_width = spec.depth, spec.width
+        self.max_depth, self.max_width = spec.max_depth, spec.max_width
+        self.max_nodes = spec.tree_size  # what the KV cache was sized for
+        # (depth, accepted lengths by width 1 .. the round's width) of each round
+        self.rounds: list[tuple[int, list[int]]] = []
+        self.step_s: dict[int, float] = {}  # width -> draft seconds, in the open and ahead
+        self.steps: dict[int, int] = {}  # width -> draft steps
         self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, wait s)
 
-    def observe(self, depth: int, accepted: int, draft_s: float, steps: int, tree_size: int,
-                verify_s: float, wait_s: float) -> None:  # fmt: skip
+    def observe_steps(self, width: int, seconds: float, steps: int) -> None:
+        self.step_s[width] = self.step_s.get(width, 0.0) + seconds
+        self.steps[width] = self.steps.get(width, 0) + steps
+
+    def observe_round(self, depth: int, accepted: list[int], tree_size: int, verify_s: float,
+                      wait_s: float) -> None:  # fmt: skip
+        """`accepted`: accepted lengths by width (accepted_by_width)."""
         self.rounds.append((depth, accepted))
-        self.step_s += draft_s
-        self.steps += steps
         self.verify.append((tree_size, verify_s, wait_s))
 
-    def depth(self) -> int:
-        if self.fixed is not None:
-            return self.fixed
+    def shape(self) -> Shape:
+        widths = [self.fixed_width] if self.fixed_width else range(1, self.max_width + 1)
         if len(self.rounds) < 2 or not self.steps:
-            return min(START_DEPTH, self.max_depth)
-        survival = self._survival()
-        step = self.step_s / self.steps
+            return Shape(self.fixed_depth or min(START_DEPTH, self.max_depth),
+                         self.fixed_width or START_WIDTH)  # fmt: skip
+        if not self.fixed_width and len(self.rounds) % EXPLORE_EVERY == 2:
+            widths = [self.max_width]  # (a shallower tree: the node count is capped)
+        depths = [self.fixed_depth] if self.fixed_depth else range(1, self.max_depth + 1)
+        best, best_rate = Shape(1, 1), -1.0
+        for k in widths:
+            survival, step = self._survival(k), self._step(k)
+            for d in (d for d in depths if 1 + d * k <= self.max_nodes):
+                rate = (1 + sum(survival[1 : d + 1])) / (d * step + self._pass(1 + d * k))
+                if rate > best_rate:
+                    best, best_rate = Shape(d, k), rate
+        return best
+
+    def _pass(self, tree_size: int) -> float:
+        """A verification pass's expected time for a tree of `tree_size` nodes."""
         n_mean = sum(v[0] for v in self.verify) / len(self.verify)
         v_mean = sum(v[1] for v in self.verify) / len(self.verify)
         compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
-        best, best_rate, tokens = 1, 0.0, 1.0
-        for d in range(1, self.max_depth + 1):
-            tokens += survival[d]
-            n = 1 + d * self.width
-            cost = d * step + max(v_mean, compute * n / n_mean)
-            if tokens / cost > best_rate:
-                best, best_rate = d, tokens / cost
-        return best
+        return max(v_mean, compute * tree_size / n_mean)
 
-    def _survival(self) -> list[float]:
-        """S(d) for d = 0 .. max_depth, non-increasing (see the module docstring)."""
-        s, deepest = [1.0], max(d for d, _ in self.rounds)
+    def _step(self, width: int) -> float:
+        """Mean draft step time at `width`: measured, else the nearest measured width's."""
+        nearest = min(self.steps, key=lambda k: (abs(k - width), -k))
+        return self.step_s[nearest] / self.steps[nearest]
+
+    def _survival(self, width: int) -> list[float]:
+        """S_width(d) for d = 0 .. max_depth, non-increasing (see the module docstring). A
+        round narrower than `width` counts with its own acceptance: a lower bound."""
+        seen = [(depth, acc[min(width, len(acc)) - 1]) for depth, acc in self.rounds]
+        s, deepest = [1.0], max(d for d, _ in seen)
         for d in range(1, deepest + 1):
-            reached = [a for depth, a in self.rounds if depth >= d]
+            reached = [a for depth, a in seen if depth >= d]
             s.append(min(s[-1], sum(a >= d for a in reached) / len(reached)))
         rate = min(s[-1] / s[-2] if s[-2] > 0 else 0.0, MAX_RATE)
         while len(s) <= self.max_depth:
