@@ -353,16 +353,16 @@ def test_shape_chooser_depth_follows_acceptance_and_costs():
 def test_shape_chooser_width_follows_acceptance_and_costs():
     from subspec.spec.shape import EXPLORE_EVERY, ShapeChooser
 
-    wide_pays = ShapeChooser(SpecConfig(max_width=4))
+    wide_pays = ShapeChooser(SpecConfig(width=None, max_width=4))
     _rounds(wide_pays, [1, 3, 12, 16], rounds=3, width=4)  # wider trees accept far more
     assert wide_pays.shape().width >= 3
-    narrow_pays = ShapeChooser(SpecConfig(max_width=4))
+    narrow_pays = ShapeChooser(SpecConfig(width=None, max_width=4))
     # width buys nothing, and the pass's compute (not hidden: no waiting) grows with the tree
     _rounds(narrow_pays, [8, 8, 8, 8], rounds=3, width=4, verify_s=2.0, wait_s=0.0)
     assert narrow_pays.shape().width == 1
     assert ShapeChooser(SpecConfig(width=3)).shape().width == 3
     # under width auto the widest tree runs now and then, to keep measuring every width
-    explore = ShapeChooser(SpecConfig(max_width=4))
+    explore = ShapeChooser(SpecConfig(width=None, max_width=4))
     _rounds(explore, [8, 8], rounds=EXPLORE_EVERY + 2, width=2, wait_s=0.0)
     assert explore.shape().width == 4
 
