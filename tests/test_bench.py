@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from subspec.app.cli import main
 
 
@@ -45,3 +47,13 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
     }  # fmt: skip
     # the target as its own classic draft does not fit next to itself in 700 kB: reported, not fatal
     assert "error" in results["classic"] and "minimum" in results["classic"]["error"]
+
+
+def test_variants_set_the_shape():
+    from subspec.bench.bench import _variant_override
+    from subspec.errors import SubspecError
+
+    assert _variant_override("widthauto") == {"width": None}
+    assert _variant_override("depth16") == {"depth": 16}
+    with pytest.raises(SubspecError, match="unknown method variant"):
+        _variant_override("width")

@@ -105,7 +105,9 @@ def test_stat_line():
     spec = replace(
         stats,
         method="subspec",
-        spec=SpecStats(2.5, 0.1, 0.2, 0.0, 4, 0, 2.0, 1.0, [2, 2], [1, 1], [1, 2], [[0.1, 0.2, 0.0]]),
+        spec=SpecStats(
+            2.5, 0.1, 0.2, 0.0, 4, 0, 2.0, 1.0, [2, 2], [1, 1], [1, 2], [[0.1, 0.2, 0.0]]
+        ),
     )
     line = stat_line(Event("", [], "length", spec))
     assert line == "[5 tokens, 12.35 tok/s, tau 2.50, cut at --max-new-tokens]"

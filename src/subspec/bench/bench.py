@@ -23,7 +23,7 @@ from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
 
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
-VARIANTS = "no-overlap, exact, fast, depthN, widthN"
+VARIANTS = "no-overlap, exact, fast, depthN, widthN, depthauto, widthauto"
 
 
 def run_bench(args) -> dict:
@@ -80,8 +80,8 @@ def _variant_override(option: str) -> dict:
         return {"no_overlap": True}
     if option in ("exact", "fast"):
         return {"numerics": option}
-    if m := re.fullmatch(r"(depth|width)(\d+)", option):
-        return {m.group(1): int(m.group(2))}
+    if m := re.fullmatch(r"(depth|width)(\d+|auto)", option):
+        return {m.group(1): None if m.group(2) == "auto" else int(m.group(2))}
     raise SubspecError(f"unknown method variant {option!r}; variants: {VARIANTS}")
 
 

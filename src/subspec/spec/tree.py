@@ -107,9 +107,11 @@ class TreeBuilder:
             self.tokens[self.frontier], self.pos0 + self.depths[self.frontier],
             base + self.frontier, mask, base + n,
         )  # fmt: skip
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # [f, V]
-        # the global top-`width` paths are among each frontier node's top-`width` children
-        child_logp, child_tokens = logp.topk(w, dim=-1)  # [f, w]
+        # the global top-`width` paths are among each frontier node's top-`width` children;
+        # the log-softmax keeps each row's order, so only the chosen entries are normalised
+        top, child_tokens = logits.topk(w, dim=-1)  # [f, w]
+        scaled = logits.float() / self.temperature  # [f, V]
+        child_logp = top.float() / self.temperature - torch.logsumexp(scaled, -1, keepdim=True)
         cand = (self.scores[:, None] + child_logp).flatten()  # [f * w]
         self.scores, flat = torch.topk(cand, w)
         new = torch.arange(n, n + w, device=self.device)
