@@ -50,12 +50,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="the deepest tree --depth auto may choose")  # fmt: skip
     s.add_argument("--max-width", type=int, default=SpecConfig.max_width,
                    help="the widest tree --width auto may choose")  # fmt: skip
-    s.add_argument(
-        "--width",
-        type=_auto_or_int,
-        default="auto",
-        help="tree width k, or auto: chosen with the depth from the same figures",
-    )
+    s.add_argument("--width", type=_auto_or_int, default=SpecConfig.width,
+                   help="tree width k (2), or auto: chosen with the depth from the same "
+                   "figures")  # fmt: skip
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
     s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
                    help="verify only the best-scoring nodes of the tree (0 = all)")  # fmt: skip
