@@ -178,3 +178,16 @@ def test_memory_budget_auto_and_help_defaults(capsys, tiny_model_dir):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "(default: 64)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_shape_defaults_match_the_config():
+    """The CLI's defaults are SpecConfig's (depth auto, width 2); auto parses to None."""
+    from subspec.app.cli import build_parser
+    from subspec.app.options import spec_config
+    from subspec.config import SpecConfig
+
+    parser = build_parser()
+    spec = spec_config(parser.parse_args(["bench", "--model", "m"]))
+    assert (spec.depth, spec.width) == (SpecConfig.depth, SpecConfig.width) == (None, 2)
+    auto = spec_config(parser.parse_args(["bench", "--model", "m", "--width", "auto"]))
+    assert auto.width is None
