@@ -1,7 +1,8 @@
 """The hand-written CPU kernels (csrc/*.c), compiled with the system C compiler on first use,
 cached under $SUBSPEC_HOME/kernels, and called through ctypes.
 
-- csrc/int4_vnni.c: the substitutes' int4 matmul. Without a C compiler, on a CPU without
+- csrc/int4_vnni.c: the substitutes' int4 matmul, and a whole substitute layer in one call
+  (draft_layer.py). Without a C compiler, on a CPU without
   AVX512-VNNI, or with SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run
   torch's int4 kernel instead.
 - csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
