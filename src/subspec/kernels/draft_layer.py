@@ -43,8 +43,9 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _linear(m) -> _Int4Linear:
+    """The kernel's view of a QuantLinear in the int4_vnni layout."""
+    return _Int4Linear(native.ptr(m.qdata), native.ptr(m.bias), m.out_features, m.in_features)
 
 
 class FusedDraftLayer:
@@ -54,7 +55,7 @@ class FusedDraftLayer:
     def __init__(self, linears: dict, norms: dict[str, torch.Tensor | None]):
         self.linears = linears  # name -> QuantLinear (int4_vnni)
         self.norms = norms  # attn_norm, mlp_norm, q_norm, k_norm: [H] / [D] bf16 or None
-        self._struct: _DraftLayer | None = None
+        self._struct = _DraftLayer()
         self._packed: tuple = (None,) * len(LINEARS)  # the qdata tensors the struct points into
 
     @staticmethod
@@ -91,13 +92,9 @@ class FusedDraftLayer:
     def _layer(self, cfg) -> _DraftLayer:
         """The kernel's view of the weights, rebuilt if a linear was repacked since."""
         packed = tuple(self.linears[n].qdata for n in LINEARS)
-        stale = any(a is not b for a, b in zip(packed, self._packed, strict=True))
-        if self._struct is None or stale:
-            lin = {
-                n: _Int4Linear(_ptr(m.qdata), _ptr(m.bias), m.out_features, m.in_features)
-                for n, m in ((n, self.linears[n]) for n in LINEARS)
-            }
-            norms = {n: _ptr(t) for n, t in self.norms.items()}
+        if any(a is not b for a, b in zip(packed, self._packed, strict=True)):
+            lin = {n: _linear(self.linears[n]) for n in LINEARS}
+            norms = {n: native.ptr(t) for n, t in self.norms.items()}
             self._struct = _DraftLayer(
                 **lin, **norms, hidden=cfg.hidden_size, heads=cfg.num_heads,
                 kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,

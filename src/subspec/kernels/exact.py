@@ -52,10 +52,6 @@ def has_dpbf16() -> bool:
     return lib is not None and bool(lib.subspec_exact_dpbf16_supported())
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def exact_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -90,7 +86,7 @@ def _native_linear(
     y_bf16 = out_dtype == torch.bfloat16
     y = torch.empty(t, n, dtype=torch.bfloat16 if y_bf16 else torch.float32)  # [T, out]
     rc = _lib().subspec_exact_linear(
-        x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), t, n, k,
+        x.data_ptr(), weight.data_ptr(), native.ptr(bias), y.data_ptr(), t, n, k,
         int(weight.dtype == torch.bfloat16), int(y_bf16), int(dpbf16), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
@@ -127,7 +123,7 @@ def exact_attention(q, keys, values, mask) -> torch.Tensor:
     m = None if mask is None else mask.to(torch.bool).contiguous()  # [T, S], one byte each
     out = torch.empty(hq, t, d, dtype=torch.float32)  # [Hq, T, D]
     rc = _lib().subspec_exact_attention(
-        qf.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), out.data_ptr(), hq, hkv, t, s, d,
+        qf.data_ptr(), k.data_ptr(), v.data_ptr(), native.ptr(m), out.data_ptr(), hq, hkv, t, s, d,
         d**-0.5, int(kv_dtype == torch.bfloat16), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

@@ -96,6 +96,11 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
+def ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for ctypes, None for None."""
+    return None if t is None else t.data_ptr()
+
+
 def int4_vnni_matmul(
     x: torch.Tensor, qdata: torch.Tensor, out_features: int, group_size: int,
     bias: torch.Tensor | None = None,

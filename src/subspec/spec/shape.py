@@ -17,6 +17,7 @@ widest tree runs once, so that every width's acceptance keeps being measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -77,20 +78,22 @@ class ShapeChooser:
             widths = [self.max_width]  # (a shallower tree: the node count is capped)
         depths = [self.fixed_depth] if self.fixed_depth else range(1, self.max_depth + 1)
         best, best_rate = Shape(1, 1), -1.0
+        pass_s = self._pass_model()
         for k in widths:
-            survival, step = self._survival(k), self._step(k)
+            # tokens[d] = E(d, k) = 1 + S_k(1) + ... + S_k(d)
+            tokens, step = list(accumulate(self._survival(k)[1:], initial=1.0)), self._step(k)
             for d in (d for d in depths if 1 + d * k <= self.max_nodes):
-                rate = (1 + sum(survival[1 : d + 1])) / (d * step + self._pass(1 + d * k))
+                rate = tokens[d] / (d * step + pass_s(1 + d * k))
                 if rate > best_rate:
                     best, best_rate = Shape(d, k), rate
         return best
 
-    def _pass(self, tree_size: int) -> float:
-        """A verification pass's expected time for a tree of `tree_size` nodes."""
+    def _pass_model(self):
+        """A verification pass's expected time as a function of the tree's node count."""
         n_mean = sum(v[0] for v in self.verify) / len(self.verify)
         v_mean = sum(v[1] for v in self.verify) / len(self.verify)
         compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
-        return max(v_mean, compute * tree_size / n_mean)
+        return lambda tree_size: max(v_mean, compute * tree_size / n_mean)
 
     def _step(self, width: int) -> float:
         """Mean draft step time at `width`: measured, else the nearest measured width's."""
