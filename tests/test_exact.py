@@ -66,15 +66,17 @@ def test_exact_linear_is_row_invariant(n, k, with_bias, out_dtype, x_dtype, back
 
 
 @needs_kernel
-@pytest.mark.parametrize("dpbf16", [True, False])
-def test_both_kernel_paths_are_row_invariant_and_thread_independent(dpbf16):
-    """A shape big enough to split over threads and cache blocks; both arithmetic paths."""
-    if dpbf16 and not exact.has_dpbf16():
+@pytest.mark.parametrize("path", [exact.DPBF16, exact.FMA, exact.PORTABLE])
+def test_every_kernel_path_is_row_invariant_and_thread_independent(path):
+    """A shape big enough to split over threads and cache blocks; each arithmetic path."""
+    if path == exact.DPBF16 and not exact.has_dpbf16():
         pytest.skip("no AVX512_BF16 here")
-    x, w, b = _linear_case(2051, 1536, True)
+    if path == exact.FMA and not exact.has_fma():
+        pytest.skip("no AVX2 + FMA here")
+    x, w, b = _linear_case(2051, 1537, True)  # K not a multiple of any chunk: the tails too
 
     def f(a):
-        return exact._native_linear(a, w, b, torch.float32, dpbf16)
+        return exact._native_linear(a, w, b, torch.float32, path)
 
     threads = torch.get_num_threads()
     try:

@@ -40,9 +40,14 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.subspec_exact_linear.restype = _INT
     lib.subspec_exact_linear.argtypes = [_VOID] * 4 + [_I64] * 3 + [_INT] * 4
+    lib.subspec_exact_fma_supported.restype = _INT
     lib.subspec_exact_attention.restype = _INT
     lib.subspec_exact_attention.argtypes = [_VOID] * 5 + [_I64] * 5 + [_FLOAT, _INT, _INT]
     return lib
+
+
+# The kernel's arithmetic paths (csrc/bf16_exact.c): each is row-invariant on its own.
+PORTABLE, DPBF16, FMA = 0, 1, 2
 
 
 @functools.cache
@@ -50,6 +55,20 @@ def has_dpbf16() -> bool:
     """True when the kernel runs its AVX512_BF16 (vdpbf16ps) path here."""
     lib = _lib()
     return lib is not None and bool(lib.subspec_exact_dpbf16_supported())
+
+
+@functools.cache
+def has_fma() -> bool:
+    """True when the kernel runs its AVX2 + FMA path here (for fp32 x)."""
+    lib = _lib()
+    return lib is not None and bool(lib.subspec_exact_fma_supported())
+
+
+def kernel_path(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
+    """The arithmetic path for these dtypes on this CPU: the CPU decides, never the shape."""
+    if has_dpbf16() and x_dtype == w_dtype == torch.bfloat16:
+        return DPBF16
+    return FMA if has_fma() else PORTABLE
 
 
 def exact_linear(
@@ -61,33 +80,33 @@ def exact_linear(
     """x [..., in] bf16 or fp32 @ weight [out, in].T + bias [out] -> [..., out] in `out_dtype`
     (default x.dtype; torch.float32 for logits). Each row's result is bit-identical whatever the
     other rows. bf16 x with a bf16 weight runs vdpbf16ps where the CPU has it; everything else
-    runs the portable fp32 path (products and sums rounded in fp32, the same for every row)."""
+    runs in fp32: fused multiply-adds where the CPU has AVX2 and FMA, else the portable path
+    (see kernel_path)."""
     out_dtype = out_dtype or x.dtype
     rows = x.reshape(-1, x.shape[-1])  # [T, in]
     native_ok = x.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
     if native_ok and _lib() is not None:
-        dpbf16 = has_dpbf16() and x.dtype == weight.dtype == torch.bfloat16
-        y = _native_linear(rows, weight, bias, out_dtype, dpbf16)
+        y = _native_linear(rows, weight, bias, out_dtype, kernel_path(x.dtype, weight.dtype))
     else:
         y = _torch_linear(rows, weight, bias).to(out_dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _native_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias, out_dtype: torch.dtype, dpbf16: bool
+    x: torch.Tensor, weight: torch.Tensor, bias, out_dtype: torch.dtype, path: int
 ) -> torch.Tensor:
-    """[T, in] -> [T, out] through the C kernel; dpbf16 selects the vdpbf16ps path (x, weight
-    bf16), else x runs in fp32 on the portable path."""
+    """[T, in] -> [T, out] through the C kernel on `path` (DPBF16: x, weight bf16; else x
+    runs in fp32)."""
     t, k = x.shape
     n = weight.shape[0]
-    x = x.to(torch.bfloat16 if dpbf16 else torch.float32).contiguous()
+    x = x.to(torch.bfloat16 if path == DPBF16 else torch.float32).contiguous()
     weight = weight.contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     y_bf16 = out_dtype == torch.bfloat16
     y = torch.empty(t, n, dtype=torch.bfloat16 if y_bf16 else torch.float32)  # [T, out]
     rc = _lib().subspec_exact_linear(
         x.data_ptr(), weight.data_ptr(), native.ptr(bias), y.data_ptr(), t, n, k,
-        int(weight.dtype == torch.bfloat16), int(y_bf16), int(dpbf16), torch.get_num_threads(),
+        int(weight.dtype == torch.bfloat16), int(y_bf16), path, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"exact_linear kernel failed ({rc}): x {tuple(x.shape)}, W [{n}, {k}]")

@@ -9,9 +9,12 @@
 // share loads: each (t, n) keeps its own accumulator, and edge tiles repeat a row rather than
 // take another code path, so how T and N fall into tiles, cache blocks and threads (split over
 // N only, never over K) cannot change any result.
-// Two arithmetic paths, each invariant on its own (they differ from each other):
+// Three arithmetic paths, each invariant on its own (they differ from each other); which one
+// runs is chosen by the CPU alone (exact.py), never by the shape of a call:
 // - dpbf16 (x and W bf16, CPU with AVX512_BF16): chunks of 32 values, one vdpbf16ps each (lane
 //   l sums the products of values 2l and 2l + 1), reduced by _mm512_reduce_add_ps;
+// - fma (CPU with AVX2 and FMA): x fp32, W bf16 or fp32, chunks of 8 values, lane l = fma(x, w,
+//   lane l) rounded once per step, a fixed pairwise tree at the end;
 // - portable (any x86-64): x fp32, W bf16 or fp32, chunks of 16 values, lane l += x * w rounded
 //   as written (built with -ffp-contract=off), a fixed pairwise tree at the end.
 //
@@ -142,35 +145,112 @@ typedef void TileFn(const Linear *j, const void *x[MR], const void *w[NR], float
 
 // Rows n0 .. n1 of W against every row of x, x passing over them MR rows at a time. Edge tiles
 // repeat their last row of x or W: computed like any other, not stored.
+// `nr` <= NR: the tile's rows of W (the fma path's tiles are MR x 3).
 static inline __attribute__((always_inline)) void block(const Linear *j, int64_t n0, int64_t n1,
-                                                        int64_t x_bytes, TileFn tile) {
+                                                        int64_t x_bytes, TileFn tile,
+                                                        const int64_t nr) {
     const int64_t w_bytes = j->k * (j->w_bf16 ? 2 : 4);
     for (int64_t t0 = 0; t0 < j->t; t0 += MR) {
         const void *x[MR];
         for (int64_t a = 0; a < MR; a++)
             x[a] = (const char *)j->x + (t0 + a < j->t ? t0 + a : j->t - 1) * j->k * x_bytes;
-        for (int64_t n = n0; n < n1; n += NR) {
+        for (int64_t n = n0; n < n1; n += nr) {
             const void *w[NR];
             float out[MR][NR];
-            for (int64_t b = 0; b < NR; b++)
+            for (int64_t b = 0; b < nr; b++)
                 w[b] = (const char *)j->w + (n + b < n1 ? n + b : n1 - 1) * w_bytes;
             tile(j, x, w, out);
             for (int64_t a = 0; a < MR && t0 + a < j->t; a++)
-                for (int64_t b = 0; b < NR && n + b < n1; b++) store(j, t0 + a, n + b, out[a][b]);
+                for (int64_t b = 0; b < nr && n + b < n1; b++) store(j, t0 + a, n + b, out[a][b]);
         }
     }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void dp_block(const Linear *j,
                                                                            int64_t n0, int64_t n1) {
-    block(j, n0, n1, 2, dp_tile_any);
+    block(j, n0, n1, 2, dp_tile_any, NR);
 }
 
 // The clones differ in instructions, not arithmetic: no FMA contraction, no reassociation.
 __attribute__((target_clones("avx512f", "avx2", "default"))) static void fp_block(const Linear *j,
                                                                                  int64_t n0,
                                                                                  int64_t n1) {
-    block(j, n0, n1, 4, fp_tile);
+    block(j, n0, n1, 4, fp_tile, NR);
+}
+
+// ---- fma path (AVX2 + FMA) ----
+
+#define FMA_TARGET __attribute__((target("avx2,fma")))
+enum { FNR = 3 };  // 4 x 3 accumulators, 3 rows of W and one row of x: the 16 ymm registers
+
+// 8 values of W from value c on, as fp32 (bf16 widening is exact).
+static FMA_TARGET inline __m256 w8(const void *w, int64_t c, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)w + c);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + c));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static FMA_TARGET inline float sum8(__m256 v) {  // fixed pairwise order over 8 lanes
+    float l[8];
+    _mm256_storeu_ps(l, v);
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// The 8 values from c on of every (row of x, row of W) pair of the tile.
+#define FMA_ROW(xr, a0, a1, a2)                        \
+    do {                                               \
+        const __m256 xv = _mm256_loadu_ps((xr) + c);   \
+        a0 = _mm256_fmadd_ps(xv, v0, a0);              \
+        a1 = _mm256_fmadd_ps(xv, v1, a1);              \
+        a2 = _mm256_fmadd_ps(xv, v2, a2);              \
+    } while (0)
+#define FMA_CHUNK(c_, x0, x1, x2, x3, w0, w1, w2, bf16)                               \
+    do {                                                                                \
+        const int64_t c = (c_);                                                         \
+        const __m256 v0 = w8(w0, c, bf16), v1 = w8(w1, c, bf16), v2 = w8(w2, c, bf16); \
+        FMA_ROW(x0, c00, c01, c02);                                                     \
+        FMA_ROW(x1, c10, c11, c12);                                                     \
+        FMA_ROW(x2, c20, c21, c22);                                                     \
+        FMA_ROW(x3, c30, c31, c32);                                                     \
+    } while (0)
+
+static FMA_TARGET inline __attribute__((always_inline)) void fma_tile_w(
+    const Linear *j, const void *xp[MR], const void *w[NR], float out[MR][NR], const int bf16) {
+    const int64_t k = j->k, full = k / 8 * 8;
+    const float *x[MR] = {xp[0], xp[1], xp[2], xp[3]};
+    __m256 c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32;
+    c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < full; i += 8)
+        FMA_CHUNK(i, x[0], x[1], x[2], x[3], w[0], w[1], w[2], bf16);
+    if (full < k) {  // the last values, zero-padded to a chunk on both sides
+        float xt[MR][8] = {{0}}, wt[FNR][8] = {{0}};
+        for (int64_t l = 0; l < k - full; l++) {
+            for (int a = 0; a < MR; a++) xt[a][l] = x[a][full + l];
+            for (int b = 0; b < FNR; b++)
+                wt[b][l] = bf16 ? bf16_to_f32(((const uint16_t *)w[b])[full + l])
+                                : ((const float *)w[b])[full + l];
+        }
+        FMA_CHUNK(0, xt[0], xt[1], xt[2], xt[3], wt[0], wt[1], wt[2], 0);
+    }
+    const __m256 acc[MR][FNR] = {
+        {c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
+    for (int a = 0; a < MR; a++)
+        for (int b = 0; b < FNR; b++) out[a][b] = sum8(acc[a][b]);
+}
+
+static FMA_TARGET void fma_tile(const Linear *j, const void *x[MR], const void *w[NR],
+                                float out[MR][NR]) {
+    if (j->w_bf16) fma_tile_w(j, x, w, out, 1);
+    else fma_tile_w(j, x, w, out, 0);
+}
+
+static FMA_TARGET void fma_block(const Linear *j, int64_t n0, int64_t n1) {
+    block(j, n0, n1, 4, fma_tile, FNR);
+}
+
+int subspec_exact_fma_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 int subspec_exact_dpbf16_supported(void) {
@@ -179,22 +259,27 @@ int subspec_exact_dpbf16_supported(void) {
            __builtin_cpu_supports("avx512bf16");
 }
 
-// y = x @ W^T + bias. use_dpbf16: x, W bf16 and the dpbf16 path; else x fp32 (portable path).
-// Returns 0, or -1 on bad arguments.
+enum { PATH_PORTABLE = 0, PATH_DPBF16 = 1, PATH_FMA = 2 };
+
+// y = x @ W^T + bias on `path`: dpbf16 takes x and W bf16, the others x fp32.
+// Returns 0, or -1 on bad arguments (or a path this CPU lacks).
 int subspec_exact_linear(const void *x, const void *w, const float *bias, void *y, int64_t t,
-                         int64_t n, int64_t k, int w_bf16, int y_bf16, int use_dpbf16,
-                         int threads) {
-    if (t < 1 || n < 1 || k < 1 || (use_dpbf16 && (!w_bf16 || !subspec_exact_dpbf16_supported())))
-        return -1;
+                         int64_t n, int64_t k, int w_bf16, int y_bf16, int path, int threads) {
+    if (t < 1 || n < 1 || k < 1) return -1;
+    if (path == PATH_DPBF16 && (!w_bf16 || !subspec_exact_dpbf16_supported())) return -1;
+    if (path == PATH_FMA && !subspec_exact_fma_supported()) return -1;
+    if (path < PATH_PORTABLE || path > PATH_FMA) return -1;
     const Linear job = {x, w, bias, y, t, n, k, w_bf16, y_bf16};
-    int64_t rows = BLOCK_BYTES / (k * (w_bf16 ? 2 : 4)) / NR * NR;  // rows of W per block
-    if (rows < NR) rows = NR;
+    const int64_t nr = path == PATH_FMA ? FNR : NR;
+    int64_t rows = BLOCK_BYTES / (k * (w_bf16 ? 2 : 4)) / nr * nr;  // rows of W per block
+    if (rows < nr) rows = nr;
     const int64_t blocks = (n + rows - 1) / rows;
     if (n * k * t < (1 << 18)) threads = 1;  // too small to share
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n1 = (b + 1) * rows < n ? (b + 1) * rows : n;
-        if (use_dpbf16) dp_block(&job, b * rows, n1);
+        if (path == PATH_DPBF16) dp_block(&job, b * rows, n1);
+        else if (path == PATH_FMA) fma_block(&job, b * rows, n1);
         else fp_block(&job, b * rows, n1);
     }
     return 0;
