@@ -10,7 +10,7 @@ from subspec.kernels import native
 from subspec.spec.decoding import prefill
 
 pytestmark = pytest.mark.skipif(
-    native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"
+    native.int4_vnni() is None, reason="no AVX512-VNNI or AVX2 CPU, or no C compiler here"
 )
 
 

@@ -15,7 +15,7 @@ from subspec.files import safetensors_fingerprint
 from subspec.kernels import native
 
 needs_vnni = pytest.mark.skipif(
-    native.int4_vnni() is None, reason="no AVX512-VNNI CPU or no C compiler here"
+    native.int4_vnni() is None, reason="no AVX512-VNNI or AVX2 CPU, or no C compiler here"
 )
 
 

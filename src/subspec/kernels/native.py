@@ -2,9 +2,9 @@
 cached under $SUBSPEC_HOME/kernels, and called through ctypes.
 
 - csrc/int4_vnni.c: the substitutes' int4 matmul, and a whole substitute layer in one call
-  (draft_layer.py). Without a C compiler, on a CPU without
-  AVX512-VNNI, or with SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run
-  torch's int4 kernel instead.
+  (draft_layer.py), built for AVX512-VNNI where the CPU has it, else for AVX2 + FMA (the same
+  source through csrc/simd16.h). Without a C compiler, on a CPU with neither, or with
+  SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run torch's int4 kernel instead.
 - csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
 """
 
@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 COMMON_FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
-INT4_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# the int4 kernel's builds, best first: each runs where its subspec_int4_vnni_supported() says
+INT4_BUILDS = (
+    ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    ("-mavx2", "-mfma"),
+)
 # Baseline x86-64 code: the AVX512_BF16 functions opt in with target attributes, so the portable
 # path runs anywhere. No FMA contraction: each product and sum is rounded as the C source says.
 EXACT_FLAGS = ("-ffp-contract=off",)
@@ -56,8 +60,12 @@ def _load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
 @functools.cache
 def int4_vnni() -> ctypes.CDLL | None:
     """The loaded int4 kernel library, or None when it cannot run here (see the docstring)."""
-    lib = _load("int4_vnni", INT4_FLAGS)
-    if lib is None or not lib.subspec_int4_vnni_supported():
+    lib = next(
+        (lib for flags in INT4_BUILDS
+         if (lib := _load("int4_vnni", flags)) is not None and lib.subspec_int4_vnni_supported()),
+        None,
+    )  # fmt: skip
+    if lib is None:
         return None
     lib.subspec_int4_vnni_matmul.restype = ctypes.c_int
     lib.subspec_int4_vnni_matmul.argtypes = (
@@ -75,10 +83,11 @@ def bf16_exact() -> ctypes.CDLL | None:
 
 
 def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
-    """Compile csrc/<name>.c into a shared library named by a hash of the source, flags and
-    compiler; written to a temporary name and renamed, so a half-built file is never loaded."""
+    """Compile csrc/<name>.c into a shared library named by a hash of the sources (headers
+    included), flags and compiler; written to a temporary name and renamed, so a half-built
+    file is never loaded."""
     source_path = CSRC / f"{name}.c"
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
     key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{name}-{key}.so"
     if target.exists():

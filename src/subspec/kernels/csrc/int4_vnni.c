@@ -1,4 +1,5 @@
-// Low-bit substitute matmul for x86 CPUs with AVX512-VNNI: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+// Low-bit substitute matmul for x86 CPUs: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), built for
+// AVX512-VNNI and for AVX2 from this one source (simd16.h: 16 lanes, one register or two).
 //
 // W is 4-bit, grouped along K: W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n] with g = k / G
 // (torch's int4 convention) and s, z bf16.
@@ -8,7 +9,7 @@
 // where the values are interleaved for vpdpbusd: byte (c, r, j) of a record holds
 // q[16 t + r, 8 c + j] (low nibble) and q[16 t + r, 8 c + 4 + j] (high nibble). One 64-byte load
 // is then 16 rows x 8 values, and each 32-bit lane of a vpdpbusd is one row of W against 4
-// broadcast values of x: the sums land per row, so a tile's 16 outputs are one register, with
+// broadcast values of x: the sums land per row, so a tile's 16 outputs are one vector, with
 // no horizontal reduction; and a thread reads one stream, front to back (with the scales in a
 // separate [K / G, N, 2] array, strided by N, a step was ~1.5x slower).
 //
@@ -20,11 +21,12 @@
 // and loaded after torch, the library binds to the libgomp torch already loaded, so both share
 // one thread pool.
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "simd16.h"
 
 #define BLOCK 64
 enum { TILE = 16, CHUNKS = BLOCK / 8, MAX_M = 4 };  // rows of W per tile; rows of x per pass
@@ -59,19 +61,16 @@ static inline int32_t load_i32(const int8_t *p) {
     return v;
 }
 
-static void store_row(const Job *j, int64_t row, int64_t n0, __m512 v) {
-    if (j->bias) {
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(j->bias + n0));
-        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-    }
+static void store_row(const Job *j, int64_t row, int64_t n0, f16 v) {
+    if (j->bias) v = f_add(v, f_bf16(j->bias + n0));
     if (!j->y_bf16) {
-        _mm512_storeu_ps((float *)j->y + row * j->n + n0, v);
+        f_store((float *)j->y + row * j->n + n0, v);
         return;
     }
-    float lanes[TILE];
+    float values[TILE];
     uint16_t out[TILE];
-    _mm512_storeu_ps(lanes, v);
-    for (int r = 0; r < TILE; r++) out[r] = float_to_bf16(lanes[r]);
+    f_store(values, v);
+    for (int r = 0; r < TILE; r++) out[r] = float_to_bf16(values[r]);
     memcpy((uint16_t *)j->y + row * j->n + n0, out, sizeof out);
 }
 
@@ -82,38 +81,38 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
     const int64_t blocks = j->k / BLOCK, per_group = j->group / BLOCK, n0 = t * TILE;
     const int64_t record = 8 * j->group + 64;  // bytes per group of a tile
     const uint8_t *tile = j->w + t * (j->k / j->group) * record;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    __m512 acc[MAX_M], offset[MAX_M];
-    for (int i = 0; i < mm; i++) acc[i] = offset[i] = _mm512_setzero_ps();
+    const i16 nibble = i_set(0x0F0F0F0F);
+    f16 acc[MAX_M], offset[MAX_M];
+    for (int i = 0; i < mm; i++) acc[i] = offset[i] = f_zero();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *group = tile + (b / per_group) * record;
         // 16 (s, z) bf16 pairs: s in the low half of each 32-bit lane, z in the high half
-        const __m512i pairs = _mm512_loadu_si512(group + 8 * j->group);
-        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-        const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(-65536)));
-        const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+        const i16 pairs = i_load(group + 8 * j->group);
+        const f16 s = i_as_f(i_shl(pairs, 16));
+        const f16 z = i_as_f(i_and(pairs, i_set(-65536)));
+        const f16 shift = f_fnma(f_set(8.0f), s, z);
 
         const uint8_t *wb = group + (b % per_group) * (BLOCK / 2) * TILE;
-        __m512i low[MAX_M], high[MAX_M];  // two dot-product chains per row of x
-        for (int i = 0; i < mm; i++) low[i] = high[i] = _mm512_setzero_si512();
+        i16 low[MAX_M], high[MAX_M];  // two dot-product chains per row of x
+        for (int i = 0; i < mm; i++) low[i] = high[i] = i_zero();
         for (int c = 0; c < CHUNKS; c++) {
-            const __m512i packed = _mm512_loadu_si512(wb + c * 64);
-            const __m512i lo = _mm512_and_si512(packed, nibble);                      // k 8c..8c+3
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);  // 8c+4..
+            const i16 packed = i_load(wb + c * 64);
+            const i16 lo = i_and(packed, nibble);               // k 8c .. 8c + 3
+            const i16 hi = i_and(i_shr16(packed, 4), nibble);  // k 8c + 4 .. 8c + 7
             for (int i = 0; i < mm; i++) {
                 const int8_t *x = j->qx + (m0 + i) * j->k + b * BLOCK + c * 8;
-                low[i] = _mm512_dpbusd_epi32(low[i], lo, _mm512_set1_epi32(load_i32(x)));
-                high[i] = _mm512_dpbusd_epi32(high[i], hi, _mm512_set1_epi32(load_i32(x + 4)));
+                low[i] = i_dpbusd(low[i], lo, i_set(load_i32(x)));
+                high[i] = i_dpbusd(high[i], hi, i_set(load_i32(x + 4)));
             }
         }
         for (int i = 0; i < mm; i++) {
             const int64_t r = (m0 + i) * blocks + b;
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(low[i], high[i]));
-            acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(j->sx[r])), acc[i]);
-            offset[i] = _mm512_fmadd_ps(shift, _mm512_set1_ps(j->sumx[r]), offset[i]);
+            const f16 dot = i_to_f(i_add(low[i], high[i]));
+            acc[i] = f_fma(dot, f_mul(s, f_set(j->sx[r])), acc[i]);
+            offset[i] = f_fma(shift, f_set(j->sumx[r]), offset[i]);
         }
     }
-    for (int i = 0; i < mm; i++) store_row(j, m0 + i, n0, _mm512_add_ps(acc[i], offset[i]));
+    for (int i = 0; i < mm; i++) store_row(j, m0 + i, n0, f_add(acc[i], offset[i]));
 }
 
 static void tile_kernel(const Job *j, int64_t t) {
@@ -128,37 +127,37 @@ static void tile_kernel(const Job *j, int64_t t) {
 }
 
 // 16 values of x as float32, from float32 or bf16.
-static inline __m512 load16(const void *x, int x_bf16, int64_t at) {
-    if (!x_bf16) return _mm512_loadu_ps((const float *)x + at);
-    const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+static inline f16 load16(const void *x, int x_bf16, int64_t at) {
+    return x_bf16 ? f_bf16((const uint16_t *)x + at) : f_load((const float *)x + at);
 }
 
 // Per 64 values of x: scale amax / 127, int8 values (rounded to nearest even), fp32 sum.
 static void quantize_activations(const void *x, int x_bf16, int64_t count, int8_t *qx, float *sx,
                                  float *sumx) {
     for (int64_t b = 0; b < count / BLOCK; b++) {
-        __m512 v[BLOCK / 16], amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+        f16 v[BLOCK / 16], amax = f_zero(), sum = f_zero();
         for (int i = 0; i < BLOCK / 16; i++) {
             v[i] = load16(x, x_bf16, b * BLOCK + i * 16);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-            sum = _mm512_add_ps(sum, v[i]);
+            amax = f_max(amax, f_abs(v[i]));
+            sum = f_add(sum, v[i]);
         }
-        const float top = _mm512_reduce_max_ps(amax);
-        const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-        for (int i = 0; i < BLOCK / 16; i++) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // MXCSR: to even
-            _mm_storeu_si128((__m128i *)(qx + b * BLOCK + i * 16), _mm512_cvtsepi32_epi8(q));
-        }
+        const float top = f_top(amax);
+        const f16 inv = f_set(top > 0.0f ? 127.0f / top : 0.0f);
+        for (int i = 0; i < BLOCK / 16; i++) f_store_i8(qx + b * BLOCK + i * 16, f_mul(v[i], inv));
         sx[b] = top / 127.0f;
-        sumx[b] = _mm512_reduce_add_ps(sum);
+        sumx[b] = f_sum(sum);
     }
 }
 
+// Whether this build's instructions run here.
 int subspec_int4_vnni_supported(void) {
     __builtin_cpu_init();
+#if defined(__AVX512F__)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
 }
 
 // Returns 0 on success, -1 on bad shapes, -2 when out of memory.
@@ -232,59 +231,52 @@ static void rope_row(float *v, const uint16_t *cos, const uint16_t *sin, int64_t
 }
 
 // e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error ~2e-7), 2^n by scalef; 0 below -87 (and for -inf).
-static inline __m512 exp16(__m512 x) {
-    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+// (relative error ~2e-7), times 2^n; 0 below -87 (and for -inf).
+static inline f16 exp16(f16 x) {
+    const f16 clamped = f_max(f_min(x, f_set(88.0f)), f_set(-87.0f));
+    const f16 n = f_round(f_mul(clamped, f_set(1.44269504f)));
+    f16 r = f_fnma(n, f_set(0.693145752f), clamped);
+    r = f_fnma(n, f_set(1.42860677e-6f), r);
+    f16 p = f_set(1.0f / 720);
+    p = f_fma(p, r, f_set(1.0f / 120));
+    p = f_fma(p, r, f_set(1.0f / 24));
+    p = f_fma(p, r, f_set(1.0f / 6));
+    p = f_fma(p, r, f_set(0.5f));
+    p = f_fma(p, r, f_set(1.0f));
+    p = f_fma(p, r, f_set(1.0f));
+    return f_keep_ge(f_scale2(p, n), x, -87.0f);
 }
 
-static inline __mmask16 first(int64_t n) { return (__mmask16)((1u << n) - 1); }  // n <= 16
+static inline int64_t upto16(int64_t n) { return n < 16 ? n : 16; }
 
 // In place: v[i] = e^(v[i] - shift) over n values; returns their sum.
 static float exp_shifted(float *v, int64_t n, float shift) {
-    __m512 sum = _mm512_setzero_ps();
+    f16 sum = f_zero();
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 lanes = first(n - i < 16 ? n - i : 16);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, v + i), _mm512_set1_ps(shift)));
-        _mm512_mask_storeu_ps(v + i, lanes, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, e));
+        const int64_t live = upto16(n - i);
+        const f16 e = exp16(f_sub(f_load_n(v + i, live), f_set(shift)));
+        f_store_n(v + i, e, live);
+        sum = f_add(sum, f_first(e, live));
     }
-    return _mm512_reduce_add_ps(sum);
-}
-
-static inline __m512 load_bf16(__mmask16 lanes, const uint16_t *p) {
-    const __m256i v = _mm256_maskz_loadu_epi16(lanes, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    return f_sum(sum);
 }
 
 // q[D] . k[D] (k bf16)
 static float dot_bf16(const float *q, const uint16_t *k, int64_t d) {
-    __m512 acc = _mm512_setzero_ps();
+    f16 acc = f_zero();
     for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 lanes = first(d - i < 16 ? d - i : 16);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, q + i), load_bf16(lanes, k + i), acc);
+        const int64_t live = upto16(d - i);
+        acc = f_fma(f_load_n(q + i, live), f_bf16_n(k + i, live), acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return f_sum(acc);
 }
 
 // out[D] += p * v[D] (v bf16)
 static void axpy_bf16(float p, const uint16_t *v, float *out, int64_t d) {
     for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 lanes = first(d - i < 16 ? d - i : 16);
-        const __m512 o = _mm512_maskz_loadu_ps(lanes, out + i);
-        _mm512_mask_storeu_ps(out + i, lanes, _mm512_fmadd_ps(_mm512_set1_ps(p), load_bf16(lanes, v + i), o));
+        const int64_t live = upto16(d - i);
+        const f16 o = f_load_n(out + i, live);
+        f_store_n(out + i, f_fma(f_set(p), f_bf16_n(v + i, live), o), live);
     }
 }
 
@@ -308,11 +300,11 @@ static void attend(const float *q, const uint16_t *keys, const uint16_t *values,
 // act[F] = silu(gate[F]) * up[F]
 static void silu_mul(const float *gate, const float *up, float *act, int64_t f) {
     for (int64_t i = 0; i < f; i += 16) {
-        const __mmask16 lanes = first(f - i < 16 ? f - i : 16);
-        const __m512 g = _mm512_maskz_loadu_ps(lanes, gate + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));  // e^-g
-        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm512_mask_storeu_ps(act + i, lanes, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, up + i)));
+        const int64_t live = upto16(f - i);
+        const f16 g = f_load_n(gate + i, live);
+        const f16 e = exp16(f_sub(f_zero(), g));  // e^-g
+        const f16 s = f_div(g, f_add(f_set(1.0f), e));
+        f_store_n(act + i, f_mul(s, f_load_n(up + i, live)), live);
     }
 }
 
