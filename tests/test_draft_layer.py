@@ -1,4 +1,5 @@
-"""The fused substitute layer (kernels/draft_layer.py) against the torch path it replaces."""
+"""The draft's native kernels: the fused substitute layer (kernels/draft_layer.py) against the
+torch path it replaces, and the tree builder's normaliser against torch."""
 
 import dataclasses
 
@@ -53,3 +54,16 @@ def test_fused_draft_layer_matches_torch_path(tmp_path, family):
         assert ((a - b).abs().max() / b.abs().max()).item() < 0.06
         assert ((a - b).norm() / b.norm()).item() < 0.05
     assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_logsumexp_matches_torch(dtype):
+    """Rows of a vocabulary-sized length that is no multiple of 16 (the scalar tail), one of
+    them holding -inf entries (masked logits) and one all -inf."""
+    x = (torch.randn(4, 1003, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    x[1, ::3] = -torch.inf
+    x[3] = -torch.inf
+    got = native.scaled_logsumexp(x, 5.0)
+    want = torch.logsumexp(x.float() * 5.0, -1)
+    assert torch.equal(got[3], want[3])  # -inf
+    assert torch.allclose(got[:3], want[:3], rtol=1e-6, atol=1e-5)

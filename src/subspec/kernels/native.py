@@ -67,6 +67,11 @@ def int4_vnni() -> ctypes.CDLL | None:
     )  # fmt: skip
     if lib is None:
         return None
+    lib.subspec_scaled_logsumexp.restype = ctypes.c_int
+    lib.subspec_scaled_logsumexp.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
+        + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    )  # fmt: skip
     lib.subspec_int4_vnni_matmul.restype = ctypes.c_int
     lib.subspec_int4_vnni_matmul.argtypes = (
         [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -132,3 +137,19 @@ def int4_vnni_matmul(
             f"int4 VNNI kernel failed ({rc}) for x {tuple(x.shape)}, W [{out_features}, {k}]"
         )
     return y
+
+
+def scaled_logsumexp(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """log(sum(exp(scale * x), -1)) -> [rows] fp32, for x [rows, n] fp32 or bf16 on CPU and
+    scale > 0: the native kernel where int4_vnni() loads, else torch."""
+    lib = int4_vnni()
+    if lib is None or x.device.type != "cpu" or x.dtype not in _FLOATS or scale <= 0:
+        return torch.logsumexp(x.float() * scale, -1)
+    x = x.contiguous()
+    rows, n = x.shape
+    out = torch.empty(rows, dtype=torch.float32)
+    rc = lib.subspec_scaled_logsumexp(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, n,
+                                      scale, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"logsumexp kernel failed ({rc}) for x {tuple(x.shape)}")
+    return out

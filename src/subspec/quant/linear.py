@@ -12,8 +12,8 @@ Layouts of the quantized values held in memory (``QuantLinear.layout``):
 - ``int4_cpu``: torch's CPU int4pack, fed to ``_weight_int4pack_mm_for_cpu``. For 2 and 3 bits
   the unused high bits of every nibble are squeezed out (byte-locally, whatever torch's nibble
   order is) and put back on each call: a few bitwise passes, no dequantization.
-- ``int4_vnni``: 4 bits on x86 CPUs with AVX512-VNNI or AVX2 (and a C compiler): subspec's own kernel
-  (``native.py``, ``csrc/int4_vnni.c``) quantizes the activations to int8 per 64 values and
+- ``int4_vnni``: 4 bits on x86 CPUs with AVX512-VNNI or AVX2 (and a C compiler): subspec's own
+  kernel (``native.py``, ``csrc/int4_vnni.c``) quantizes the activations to int8 per 64 values and
   multiplies with ``vpdpbusd`` (26 substitute layers and the draft head at 2 rows, weights
   from DRAM: ~40 ms, against ~62 ms for its first version and ~1.5x that for torch's int4
   kernel), at about 1% error from the int8 activations (a draft's numerics need not match

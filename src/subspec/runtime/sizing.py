@@ -44,7 +44,8 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
         kv_bytes=nb.kv_nbytes(m.num_layers, m.num_kv_heads, m.head_dim, cfg.capacity, dt),
         extra_bytes=extra_bytes,
         draft_head_bytes=draft_head,
-        scratch_bytes=nb.widen_scratch_bytes(dt, device, largest),
+        # exact numerics run every dense weight through kernels/exact.py, which never widens
+        scratch_bytes=0 if cfg.exact else nb.widen_scratch_bytes(dt, device, largest),
         head_can_stream=not (sub and spec.head_bits == 16),
         workspace_bytes=nb.workspace_nbytes(
             m, max(cfg.prefill_chunk, spec.tree_size), cfg.capacity, dt, device

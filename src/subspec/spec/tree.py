@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from subspec.kernels import native
+
 
 @dataclass
 class Tree:
@@ -110,8 +112,8 @@ class TreeBuilder:
         # the global top-`width` paths are among each frontier node's top-`width` children;
         # the log-softmax keeps each row's order, so only the chosen entries are normalised
         top, child_tokens = logits.topk(w, dim=-1)  # [f, w]
-        scaled = logits.float() / self.temperature  # [f, V]
-        child_logp = top.float() / self.temperature - torch.logsumexp(scaled, -1, keepdim=True)
+        log_total = native.scaled_logsumexp(logits, 1.0 / self.temperature)  # [f]
+        child_logp = top.float() / self.temperature - log_total[:, None]
         cand = (self.scores[:, None] + child_logp).flatten()  # [f * w]
         self.scores, flat = torch.topk(cand, w)
         new = torch.arange(n, n + w, device=self.device)

@@ -371,3 +371,42 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
     free(scratch);
     return rc ? -1 : 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The tree builder's normaliser: out[r] = log sum_i e^(scale x[r, i]) over the n values of each
+// row of x (float32 or bf16), scale > 0: the draft's logits over the vocabulary (torch's exp
+// ran ~6 ms per 2 x 152k values on a Zen 3).
+
+static inline float value_at(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline f16 load_any16(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? f_bf16((const uint16_t *)x + i) : f_load((const float *)x + i);
+}
+
+static float row_logsumexp(const void *x, int x_bf16, int64_t n, float scale) {
+    const int64_t full = n / 16 * 16;
+    f16 top16 = f_set(-INFINITY);
+    for (int64_t i = 0; i < full; i += 16) top16 = f_max(top16, load_any16(x, x_bf16, i));
+    float top = full ? f_top(top16) : -INFINITY;
+    for (int64_t i = full; i < n; i++) top = fmaxf(top, value_at(x, x_bf16, i));
+    if (top == -INFINITY || top == INFINITY) return top;
+    const f16 s = f_set(scale), neg_shift = f_set(-scale * top);
+    f16 sum16 = f_zero();
+    for (int64_t i = 0; i < full; i += 16)
+        sum16 = f_add(sum16, exp16(f_fma(load_any16(x, x_bf16, i), s, neg_shift)));
+    float sum = f_sum(sum16);
+    for (int64_t i = full; i < n; i++) sum += expf(scale * (value_at(x, x_bf16, i) - top));
+    return scale * top + logf(sum);
+}
+
+int subspec_scaled_logsumexp(const void *x, int x_bf16, int64_t rows, int64_t n, float scale,
+                             float *out, int threads) {
+    if (rows < 1 || n < 1 || !(scale > 0.0f)) return -1;
+    const int64_t bytes = x_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = row_logsumexp((const char *)x + r * n * bytes, x_bf16, n, scale);
+    return 0;
+}
