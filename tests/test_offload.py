@@ -281,6 +281,27 @@ def test_prefetcher_overlaps_reads_with_use(n_threads):
         consume(pf, 0)
 
 
+def test_idle_work_is_told_the_expected_wait():
+    """acquire's idle work hears how long the bytes should still take: unknown (inf) before any
+    read was timed, then at most one read's time at the rate timed so far."""
+    store = FakeStore(6, delay=0.05)
+    heard = []
+
+    def idle(expected_wait_s):
+        heard.append(expected_wait_s)
+        time.sleep(0.005)
+        return True
+
+    with Prefetcher(store, list(range(6)), n_buffers=2) as pf:
+        for unit in range(4):
+            pf.acquire(unit, idle)
+            pf.release(unit)
+    assert heard[0] == float("inf")
+    timed = [w for w in heard if w != float("inf")]
+    read_s = pf.stats.read_s / pf.stats.reads
+    assert timed and all(0.0 <= w <= read_s * 1.01 for w in timed)
+
+
 def test_prefetcher_cyclic_order_with_slow_store():
     store = FakeStore(6, delay=0.005)
     with Prefetcher(store, [0, 1, 2, 3, 4, 5], n_buffers=2) as pf:

@@ -375,3 +375,22 @@ def test_accepted_by_width_reads_ranks_per_level():
     assert accepted_by_width(path, 3) == [1, 2, 3]
     assert accepted_by_width(torch.tensor([2, 4]), 3) == [0, 2, 2]
     assert accepted_by_width(torch.tensor([], dtype=torch.long), 2) == [0, 0]
+
+
+def test_lookahead_drafts_only_in_waits_it_can_fill():
+    """A level of the next tree starts only when the wait is expected to last MIN_FILL of a
+    draft step; a shorter wait gets nothing (work() says so) and leaves no state behind."""
+    from subspec.config import SpecConfig
+    from subspec.spec.lookahead import MIN_FILL, Lookahead
+    from subspec.spec.shape import Shape
+    from subspec.spec.tree import build_tree
+
+    vocab = 11
+
+    def step(tokens, positions, slots, mask, kv_len):  # the next token is (token + 1) % vocab
+        return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float() * 5
+
+    drafted = build_tree(3, 4, 3, 2, 0.2, step, "cpu")
+    ahead = Lookahead(drafted, 4, SpecConfig(), Shape(3, 2), step, "cpu", step_s=1.0)
+    assert not ahead.work(MIN_FILL * 0.9) and ahead.steps == 0 and ahead.builder is None
+    assert ahead.work(MIN_FILL * 1.1) and ahead.steps == 1 and ahead.guess == (3 + 3 + 1) % vocab

@@ -33,6 +33,7 @@ host-side waiting (for the copy to be issued), not GPU-side waiting.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,8 @@ class Prefetcher:
         self._held: list[int] = []  # acquired, unreleased positions, oldest first
         self._ready = [-1] * n_buffers  # slot -> position whose bytes it holds
         self._busy: set[int] = set()  # slots being filled
+        self._filling = [-1] * n_buffers  # slot -> position being read into it
+        self._started = [0.0] * n_buffers  # slot -> when that read was claimed
         self._error: BaseException | None = None
         self._closed = False
         self._buffers = self._allocate(max(store.nbytes(u) for u in self.units))
@@ -118,11 +121,15 @@ class Prefetcher:
 
     # ---- consumer side -------------------------------------------------------------------
 
-    def acquire(self, unit: int, idle: Callable[[], bool] | None = None) -> torch.Tensor:
+    def acquire(
+        self, unit: int, idle: Callable[[float], bool] | None = None
+    ) -> torch.Tensor:  # fmt: skip
         """Block until ``unit``'s bytes are in a buffer; return it (uint8 [nbytes(unit)]).
 
-        ``idle``: other work to do while the bytes are not there yet, one short unit per call
-        (it returns False once there is none left); its time counts as ``stats.idle_s``."""
+        ``idle(expected_wait_s)``: other work to do while the bytes are not there yet, one short
+        unit per call, told how much longer the bytes are expected to take (see
+        ``expected_wait``); it returns False when it did nothing (no work left, or none that
+        fits). Its time counts as ``stats.idle_s``."""
         with self._cond:
             pos = self._target_position(unit)
             self.stats.skipped += pos - self._next_acquire
@@ -131,7 +138,7 @@ class Prefetcher:
         slot = pos % self.n_buffers
         if idle is not None:
             start = time.perf_counter()
-            while not self._arrived(slot, pos) and idle():
+            while not self._arrived(slot, pos) and idle(self.expected_wait(slot, pos, unit)):
                 pass
             self.stats.idle_s += time.perf_counter() - start
         with self._cond:
@@ -145,6 +152,20 @@ class Prefetcher:
         if self._cuda:
             self._cuda.before_use(slot)
         return self._buffers[slot][: self.store.nbytes(unit)]
+
+    def expected_wait(self, slot: int, pos: int, unit: int) -> float:
+        """Seconds until position ``pos`` is expected in ``slot``, at the read rate timed so far:
+        what is left of its read if it is being read, a whole read if it has not started; inf
+        when no read was timed yet or on CUDA (where reads are timed as issued, not landed)."""
+        with self._cond:
+            if self._ready[slot] == pos:
+                return 0.0
+            if self._cuda or self.stats.read_s <= 0:
+                return math.inf
+            read_s = self.store.nbytes(unit) * self.stats.read_s / self.stats.bytes_read
+            if slot in self._busy and self._filling[slot] == pos:
+                return max(0.0, self._started[slot] + read_s - time.perf_counter())
+            return read_s
 
     def _arrived(self, slot: int, pos: int) -> bool:
         with self._cond:
@@ -247,8 +268,10 @@ class Prefetcher:
                 return None
             pos = self._next_fill
             self._next_fill += 1
-            self._busy.add(pos % self.n_buffers)
-            self._ready[pos % self.n_buffers] = -1
+            slot = pos % self.n_buffers
+            self._busy.add(slot)
+            self._ready[slot] = -1
+            self._filling[slot], self._started[slot] = pos, time.perf_counter()
             return pos
 
     def _can_fill(self) -> bool:

@@ -19,12 +19,13 @@ class StreamedLayers:
         self.prefetcher, self.manifests = prefetcher, manifests
         self.exact = exact  # row-invariant linears (see layers.dense)
         self.bytes_used = 0  # bytes of layers consumed by forward passes
-        self._idle: Callable[[], bool] | None = None
+        self._idle: Callable[[float], bool] | None = None
 
     @contextmanager
-    def while_waiting(self, work: Callable[[], bool]):
-        """Inside the block, every wait for a unit's bytes runs `work()` first, one short unit
-        per call, until the bytes arrive or it returns False (nothing left to do)."""
+    def while_waiting(self, work: Callable[[float], bool]):
+        """Inside the block, every wait for a unit's bytes runs `work(expected_wait_s)` first,
+        one short unit per call, until the bytes arrive or it returns False (it did nothing:
+        nothing left to do, or nothing that fits in the wait)."""
         self._idle = work
         try:
             yield

@@ -140,7 +140,9 @@ def speculative(
         t1 = _clock(device)
         ahead = None
         if spec.overlap and streamed is not None:
-            ahead = Lookahead(drafted, start, spec, chooser.shape(), drafter.step, device)
+            shape = chooser.shape()
+            ahead = Lookahead(drafted, start, spec, shape, drafter.step, device,
+                              chooser.step_time(shape.width))  # fmt: skip
         wait0 = _waited(streamed)
         with streamed.while_waiting(ahead.work) if ahead else nullcontext():
             hidden = target.forward(

@@ -4,11 +4,14 @@ The guess: the target accepts the current tree's best path whole, then picks the
 top token after it as the bonus. The next tree is grown from that guess in the cache slots
 after the current tree, one level per call of `work()`, in the gaps of the verification pass;
 after the walk it is kept only when the guess came true (so it changes what is proposed,
-never what is emitted).
+never what is emitted). A level is started only in a wait expected to last at least
+MIN_FILL of a draft step: where the target's compute keeps up with its transfers (the waits
+are short), a level started in a gap would mostly delay the pass.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -17,15 +20,19 @@ from subspec.config import SpecConfig
 from subspec.spec.shape import Shape
 from subspec.spec.tree import DraftStep, Tree, TreeBuilder
 
+MIN_FILL = 0.5  # the share of a draft step a wait must be expected to fill to start one
+
 
 class Lookahead:
     """The next round's tree, drafted ahead of the walk on a guess about its outcome."""
 
     def __init__(
-        self, drafted: Tree, start: int, spec: SpecConfig, shape: Shape, step: DraftStep, device
+        self, drafted: Tree, start: int, spec: SpecConfig, shape: Shape, step: DraftStep, device,
+        step_s: float | None = None,
     ):  # fmt: skip
-        """`shape`: the next tree's."""
+        """`shape`: the next tree's; `step_s`: a draft step's expected seconds, if known."""
         self.drafted, self.start, self.spec, self.shape = drafted, start, spec, shape
+        self.step_s = step_s
         self.step_fn, self.device = step, device
         last = drafted.depths == drafted.depths.max()
         scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
@@ -36,10 +43,14 @@ class Lookahead:
         self.guess: int | None = None
         self.work_s, self.steps = 0.0, 0
 
-    def work(self) -> bool:
-        """Draft one level of the next tree (the first call guesses its root); False once the
-        tree is complete."""
+    def work(self, expected_wait_s: float = math.inf) -> bool:
+        """Draft one level of the next tree (the first call guesses its root) if the wait is
+        expected to last MIN_FILL of a step; False when it drafted nothing (also once the tree
+        is complete)."""
         if self.builder is not None and self.builder.done:
+            return False
+        step_s = self.work_s / self.steps if self.steps else self.step_s
+        if step_s is not None and expected_wait_s < MIN_FILL * step_s:
             return False
         t0 = time.perf_counter()
         if self.builder is None:
