@@ -381,21 +381,17 @@ static inline float value_at(const void *x, int x_bf16, int64_t i) {
     return x_bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
-static inline f16 load_any16(const void *x, int x_bf16, int64_t i) {
-    return x_bf16 ? f_bf16((const uint16_t *)x + i) : f_load((const float *)x + i);
-}
-
 static float row_logsumexp(const void *x, int x_bf16, int64_t n, float scale) {
     const int64_t full = n / 16 * 16;
     f16 top16 = f_set(-INFINITY);
-    for (int64_t i = 0; i < full; i += 16) top16 = f_max(top16, load_any16(x, x_bf16, i));
+    for (int64_t i = 0; i < full; i += 16) top16 = f_max(top16, load16(x, x_bf16, i));
     float top = full ? f_top(top16) : -INFINITY;
     for (int64_t i = full; i < n; i++) top = fmaxf(top, value_at(x, x_bf16, i));
     if (top == -INFINITY || top == INFINITY) return top;
     const f16 s = f_set(scale), neg_shift = f_set(-scale * top);
     f16 sum16 = f_zero();
     for (int64_t i = 0; i < full; i += 16)
-        sum16 = f_add(sum16, exp16(f_fma(load_any16(x, x_bf16, i), s, neg_shift)));
+        sum16 = f_add(sum16, exp16(f_fma(load16(x, x_bf16, i), s, neg_shift)));
     float sum = f_sum(sum16);
     for (int64_t i = full; i < n; i++) sum += expf(scale * (value_at(x, x_bf16, i) - top));
     return scale * top + logf(sum);
