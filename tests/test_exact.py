@@ -66,9 +66,11 @@ def test_exact_linear_is_row_invariant(n, k, with_bias, out_dtype, x_dtype, back
 
 
 @needs_kernel
-@pytest.mark.parametrize("path", [exact.DPBF16, exact.FMA, exact.PORTABLE])
+@pytest.mark.parametrize("path", [exact.AMX, exact.DPBF16, exact.FMA, exact.PORTABLE])
 def test_every_kernel_path_is_row_invariant_and_thread_independent(path):
     """A shape big enough to split over threads and cache blocks; each arithmetic path."""
+    if path == exact.AMX and not exact.has_amx():
+        pytest.skip("no AMX-BF16 here")
     if path == exact.DPBF16 and not exact.has_dpbf16():
         pytest.skip("no AVX512_BF16 here")
     if path == exact.FMA and not exact.has_fma():

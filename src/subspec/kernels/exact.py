@@ -41,13 +41,14 @@ def _lib() -> ctypes.CDLL | None:
     lib.subspec_exact_linear.restype = _INT
     lib.subspec_exact_linear.argtypes = [_VOID] * 4 + [_I64] * 3 + [_INT] * 4
     lib.subspec_exact_fma_supported.restype = _INT
+    lib.subspec_exact_amx_supported.restype = _INT
     lib.subspec_exact_attention.restype = _INT
     lib.subspec_exact_attention.argtypes = [_VOID] * 5 + [_I64] * 5 + [_FLOAT, _INT, _INT]
     return lib
 
 
 # The kernel's arithmetic paths (csrc/bf16_exact.c): each is row-invariant on its own.
-PORTABLE, DPBF16, FMA = 0, 1, 2
+PORTABLE, DPBF16, FMA, AMX = 0, 1, 2, 3
 
 
 @functools.cache
@@ -64,10 +65,21 @@ def has_fma() -> bool:
     return lib is not None and bool(lib.subspec_exact_fma_supported())
 
 
+@functools.cache
+def has_amx() -> bool:
+    """True when the kernel runs its AMX-BF16 tile path here (the CPU has it and Linux granted
+    this process the tile registers)."""
+    lib = _lib()
+    return lib is not None and bool(lib.subspec_exact_amx_supported())
+
+
 def kernel_path(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
     """The arithmetic path for these dtypes on this CPU: the CPU decides, never the shape."""
-    if has_dpbf16() and x_dtype == w_dtype == torch.bfloat16:
-        return DPBF16
+    if x_dtype == w_dtype == torch.bfloat16:
+        if has_amx():
+            return AMX
+        if has_dpbf16():
+            return DPBF16
     return FMA if has_fma() else PORTABLE
 
 
@@ -79,9 +91,9 @@ def exact_linear(
 ) -> torch.Tensor:
     """x [..., in] bf16 or fp32 @ weight [out, in].T + bias [out] -> [..., out] in `out_dtype`
     (default x.dtype; torch.float32 for logits). Each row's result is bit-identical whatever the
-    other rows. bf16 x with a bf16 weight runs vdpbf16ps where the CPU has it; everything else
-    runs in fp32: fused multiply-adds where the CPU has AVX2 and FMA, else the portable path
-    (see kernel_path)."""
+    other rows. bf16 x with a bf16 weight runs AMX tiles, else vdpbf16ps, where the CPU has
+    them; everything else runs in fp32: fused multiply-adds where the CPU has AVX2 and FMA,
+    else the portable path (see kernel_path)."""
     out_dtype = out_dtype or x.dtype
     rows = x.reshape(-1, x.shape[-1])  # [T, in]
     native_ok = x.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
@@ -95,11 +107,11 @@ def exact_linear(
 def _native_linear(
     x: torch.Tensor, weight: torch.Tensor, bias, out_dtype: torch.dtype, path: int
 ) -> torch.Tensor:
-    """[T, in] -> [T, out] through the C kernel on `path` (DPBF16: x, weight bf16; else x
-    runs in fp32)."""
+    """[T, in] -> [T, out] through the C kernel on `path` (DPBF16 and AMX: x, weight bf16;
+    else x runs in fp32)."""
     t, k = x.shape
     n = weight.shape[0]
-    x = x.to(torch.bfloat16 if path == DPBF16 else torch.float32).contiguous()
+    x = x.to(torch.bfloat16 if path in (DPBF16, AMX) else torch.float32).contiguous()
     weight = weight.contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     y_bf16 = out_dtype == torch.bfloat16

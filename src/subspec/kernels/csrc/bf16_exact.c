@@ -9,8 +9,10 @@
 // share loads: each (t, n) keeps its own accumulator, and edge tiles repeat a row rather than
 // take another code path, so how T and N fall into tiles, cache blocks and threads (split over
 // N only, never over K) cannot change any result.
-// Three arithmetic paths, each invariant on its own (they differ from each other); which one
+// Four arithmetic paths, each invariant on its own (they differ from each other); which one
 // runs is chosen by the CPU alone (exact.py), never by the shape of a call:
+// - amx (x and W bf16, CPU with AMX-BF16): chunks of 32 values, one tdpbf16ps each into the
+//   output's own fp32 element of a tile (the amx section below);
 // - dpbf16 (x and W bf16, CPU with AVX512_BF16): chunks of 32 values, one vdpbf16ps each (lane
 //   l sums the products of values 2l and 2l + 1), reduced by _mm512_reduce_add_ps;
 // - fma (CPU with AVX2 and FMA): x fp32, W bf16 or fp32, chunks of 8 values, lane l = fma(x, w,
@@ -25,11 +27,14 @@
 //
 // OpenMP: built with -fopenmp and loaded after torch, the library shares torch's libgomp pool.
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define LANES 16
 #define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline
@@ -259,17 +264,172 @@ int subspec_exact_dpbf16_supported(void) {
            __builtin_cpu_supports("avx512bf16");
 }
 
-enum { PATH_PORTABLE = 0, PATH_DPBF16 = 1, PATH_FMA = 2 };
+// ---- amx path (x and W bf16, CPU with AMX-BF16, tiles granted by the kernel) ----
+//
+// C tile [16 rows of W][16 rows of x] += A [16 rows of W][32 values] . B [16 pairs][16 rows of
+// x][2]: one tdpbf16ps per 32 values of K, in order, into the same fp32 element. W is loaded
+// straight from its [N, K] rows (the stride is the row); x is repacked once per call into B
+// tiles (pairs of values of each row side by side). A step takes 32 rows of W and 32 of x: 4 C
+// tiles, 2 A, 2 B, the 8 tile registers. Each element's sum depends on its row of x and of W
+// alone: the last block of W starts at N - 32 (recomputing rows the previous one stored), rows
+// of x past T are zeros, and K's tail is zero-padded on both sides.
 
-// y = x @ W^T + bias on `path`: dpbf16 takes x and W bf16, the others x fp32.
-// Returns 0, or -1 on bad arguments (or a path this CPU lacks).
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+enum { ATILE = 16, AK = 32, AN = 2 * ATILE };  // tile rows, values per tdpbf16ps, W rows a step
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+// x [T, K] bf16 -> B tiles [ceil(T / 16)][ceil(K / 32)][16 pairs][16 rows][2], zero-padded.
+static uint16_t *amx_pack_x(const uint16_t *x, int64_t t, int64_t k) {
+    const int64_t chunks = (k + AK - 1) / AK, blocks = (t + ATILE - 1) / ATILE;
+    uint16_t *xp = calloc((size_t)(blocks * chunks * ATILE * AK), sizeof(uint16_t));
+    if (!xp) return NULL;
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t i = 0; i < k; i++) {
+            const int64_t tile = (r / ATILE) * chunks + i / AK, pair = (i % AK) / 2;
+            xp[((tile * ATILE + pair) * ATILE + r % ATILE) * 2 + i % 2] = x[r * k + i];
+        }
+    return xp;
+}
+
+// 32 rows of W from row n, against x's B tiles mb and mb + 1 (when two), into C tiles 0-3.
+static AMX_TARGET void amx_step(const Linear *j, const uint16_t *xp, int64_t n, int64_t mb,
+                                int two) {
+    const int64_t k = j->k, chunks = (k + AK - 1) / AK, full = k / AK;
+    const uint16_t *w = (const uint16_t *)j->w + n * k;
+    const uint16_t *b0 = xp + mb * chunks * ATILE * AK, *b1 = b0 + chunks * ATILE * AK;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < chunks; c++) {
+        uint16_t tail[AN][AK];
+        if (c < full) {
+            _tile_loadd(4, w + c * AK, k * 2);
+            _tile_loadd(5, w + ATILE * k + c * AK, k * 2);
+        } else {  // K's last values, zero-padded to a chunk
+            memset(tail, 0, sizeof(tail));
+            for (int r = 0; r < AN; r++) memcpy(tail[r], w + r * k + c * AK, (k - c * AK) * 2);
+            _tile_loadd(4, tail[0], AK * 2);
+            _tile_loadd(5, tail[ATILE], AK * 2);
+        }
+        _tile_loadd(6, b0 + c * ATILE * AK, AK * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+            _tile_loadd(7, b1 + c * ATILE * AK, AK * 2);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+}
+
+// A C tile's results for rows t0.. of x and n0.. of W, of which only the rows of W from `from`
+// on, below N (the others another block stores, or padding), and the rows of x below T.
+static void amx_store(const Linear *j, float c[ATILE][ATILE], int64_t t0, int64_t n0,
+                      int64_t from) {
+    const int64_t lo = from > n0 ? from - n0 : 0, hi = j->n - n0 < ATILE ? j->n - n0 : ATILE;
+    for (int64_t i = 0; i < ATILE && t0 + i < j->t; i++) {
+        const int64_t at = (t0 + i) * j->n + n0;
+        for (int64_t r = lo; r < hi; r++) {
+            float v = c[r][i];
+            if (j->bias) v += j->bias[n0 + r];
+            if (j->y_bf16) ((uint16_t *)j->y)[at + r] = f32_to_bf16(v);
+            else ((float *)j->y)[at + r] = v;
+        }
+    }
+}
+
+// Rows [from, n1) of W, computed as the 32 rows from n1 - 32, against every row of x.
+static AMX_TARGET void amx_block(const Linear *j, const uint16_t *xp, int64_t from, int64_t n1) {
+    const int64_t n = n1 - AN, blocks = (j->t + ATILE - 1) / ATILE;
+    float c[4][ATILE][ATILE];  // [tile][row of W][row of x]
+    for (int64_t mb = 0; mb < blocks; mb += 2) {
+        const int two = mb + 1 < blocks;
+        amx_step(j, xp, n, mb, two);
+        _tile_stored(0, c[0], ATILE * 4);
+        _tile_stored(1, c[1], ATILE * 4);
+        _tile_stored(2, c[2], ATILE * 4);
+        _tile_stored(3, c[3], ATILE * 4);
+        for (int tile = 0; tile < (two ? 4 : 2); tile++)
+            amx_store(j, c[tile], (mb + tile / 2) * ATILE, n + (tile % 2) * ATILE, from);
+    }
+}
+
+// Every tile 16 rows of 64 bytes. A global, not a local: gcc's _tile_loadconfig tells the
+// compiler it reads 8 bytes, and the stores to a local's other 56 are then dropped.
+static const TileConfig AMX_CONFIG = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {ATILE, ATILE, ATILE, ATILE, ATILE, ATILE, ATILE, ATILE},
+};
+
+static AMX_TARGET void amx_configure(void) { _tile_loadconfig(&AMX_CONFIG); }
+
+static AMX_TARGET void amx_release(void) { _tile_release(); }
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int subspec_exact_amx_supported(void) {
+    static int supported = -1;
+    if (supported < 0) {
+        unsigned a, b, c, d;
+        const int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1);
+        supported = cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return supported;
+}
+
+// The amx path over the whole of W: blocks of 32 rows split over threads. W with fewer than 32
+// rows is copied into a zero-padded one first.
+static int amx_linear(const Linear *job, int threads) {
+    Linear j = *job;
+    uint16_t *padded = NULL, *xp = amx_pack_x(j.x, j.t, j.k);
+    if (j.n < AN) {
+        padded = calloc((size_t)(AN * j.k), sizeof(uint16_t));
+        if (padded) memcpy(padded, j.w, (size_t)(j.n * j.k) * 2);
+        j.w = padded;
+    }
+    if (!xp || (job->n < AN && !padded)) {
+        free(xp);
+        free(padded);
+        return -2;
+    }
+    const int64_t rows = j.n < AN ? AN : j.n, blocks = (rows + AN - 1) / AN;
+    if (rows * j.k * j.t < (1 << 18)) threads = 1;  // too small to share
+#pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n1 = (b + 1) * AN < rows ? (b + 1) * AN : rows;
+            amx_block(&j, xp, b * AN, n1);
+        }
+        amx_release();
+    }
+    free(xp);
+    free(padded);
+    return 0;
+}
+
+enum { PATH_PORTABLE = 0, PATH_DPBF16 = 1, PATH_FMA = 2, PATH_AMX = 3 };
+
+// y = x @ W^T + bias on `path`: amx and dpbf16 take x and W bf16, the others x fp32.
+// Returns 0, -1 on bad arguments (or a path this CPU lacks), -2 when out of memory.
 int subspec_exact_linear(const void *x, const void *w, const float *bias, void *y, int64_t t,
                          int64_t n, int64_t k, int w_bf16, int y_bf16, int path, int threads) {
     if (t < 1 || n < 1 || k < 1) return -1;
     if (path == PATH_DPBF16 && (!w_bf16 || !subspec_exact_dpbf16_supported())) return -1;
     if (path == PATH_FMA && !subspec_exact_fma_supported()) return -1;
-    if (path < PATH_PORTABLE || path > PATH_FMA) return -1;
+    if (path == PATH_AMX && (!w_bf16 || !subspec_exact_amx_supported())) return -1;
+    if (path < PATH_PORTABLE || path > PATH_AMX) return -1;
     const Linear job = {x, w, bias, y, t, n, k, w_bf16, y_bf16};
+    if (path == PATH_AMX) return amx_linear(&job, threads);
     const int64_t nr = path == PATH_FMA ? FNR : NR;
     int64_t rows = BLOCK_BYTES / (k * (w_bf16 ? 2 : 4)) / nr * nr;  // rows of W per block
     if (rows < nr) rows = nr;
