@@ -29,6 +29,10 @@
 #include "simd16.h"
 
 #define BLOCK 64
+// How far ahead of its loads a tile's stream of W is prefetched: on a Sapphire Rapids VM, 2-3
+// KB took the 17920 x 1536 substitute at 2 rows from 18 to 22.7 GB/s out of DRAM (0.5 KB: 20.5,
+// 4 KB: 16.5); the hardware prefetcher alone stops at every 4 KB page.
+#define PREFETCH_BYTES 2048
 enum { TILE = 16, CHUNKS = BLOCK / 8, MAX_M = 4 };  // rows of W per tile; rows of x per pass
 
 typedef struct {
@@ -96,6 +100,7 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
         i16 low[MAX_M], high[MAX_M];  // two dot-product chains per row of x
         for (int i = 0; i < mm; i++) low[i] = high[i] = i_zero();
         for (int c = 0; c < CHUNKS; c++) {
+            __builtin_prefetch(wb + c * 64 + PREFETCH_BYTES);
             const i16 packed = i_load(wb + c * 64);
             const i16 lo = i_and(packed, nibble);               // k 8c .. 8c + 3
             const i16 hi = i_and(i_shr16(packed, 4), nibble);  // k 8c + 4 .. 8c + 7
