@@ -377,20 +377,37 @@ def test_accepted_by_width_reads_ranks_per_level():
     assert accepted_by_width(torch.tensor([], dtype=torch.long), 2) == [0, 0]
 
 
-def test_lookahead_drafts_only_in_waits_it_can_fill():
-    """A level of the next tree starts only when the wait is expected to last MIN_FILL of a
-    draft step; a shorter wait gets nothing (work() says so) and leaves no state behind."""
+def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
+    """The next tree is drafted a part (a layer of a draft step) per work() call, a level
+    running on across calls; once parts were timed, a wait expected to be shorter than
+    MIN_FILL of one gets nothing (work() says so) and leaves the level where it was."""
     from subspec.config import SpecConfig
     from subspec.spec.lookahead import MIN_FILL, Lookahead
     from subspec.spec.shape import Shape
     from subspec.spec.tree import build_tree
 
-    vocab = 11
+    vocab, layers = 11, 3
 
-    def step(tokens, positions, slots, mask, kv_len):  # the next token is (token + 1) % vocab
-        return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float() * 5
+    class Drafter:  # the next token is (token + 1) % vocab, in `layers` parts
+        def step(self, tokens, positions, slots, mask, kv_len):
+            return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float() * 5
 
-    drafted = build_tree(3, 4, 3, 2, 0.2, step, "cpu")
-    ahead = Lookahead(drafted, 4, SpecConfig(), Shape(3, 2), step, "cpu", step_s=1.0)
-    assert not ahead.work(MIN_FILL * 0.9) and ahead.steps == 0 and ahead.builder is None
-    assert ahead.work(MIN_FILL * 1.1) and ahead.steps == 1 and ahead.guess == (3 + 3 + 1) % vocab
+        def step_parts(self, *args):
+            for _ in range(layers):
+                yield
+            return self.step(*args)
+
+    drafter = Drafter()
+    drafted = build_tree(3, 4, 3, 2, 0.2, drafter.step, "cpu")
+    ahead = Lookahead(drafted, 4, SpecConfig(), Shape(3, 2), drafter, "cpu")
+    for _ in range(layers):  # the guess's step, until its last part
+        assert ahead.work() and ahead.steps == 0 and ahead.builder is None
+    assert ahead.work() and ahead.steps == 1 and ahead.guess == (3 + 3 + 1) % vocab
+    part_s = ahead.work_s / ahead.parts
+    assert not ahead.work(MIN_FILL * part_s * 0.5) and ahead.parts == layers + 1
+    assert ahead.work(MIN_FILL * part_s * 2) and ahead.parts == layers + 2
+    while ahead.work():
+        pass
+    assert ahead.builder.done and ahead.steps == 1 + 3 and ahead.parts == 4 * (layers + 1)
+    tree = ahead.builder.tree()
+    assert tree.tokens[1].item() == (ahead.guess + 1) % vocab and tree.size == 1 + 3 * 2

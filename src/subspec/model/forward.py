@@ -7,6 +7,8 @@ tree drafting are ordinary calls with a tree mask.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,15 @@ from subspec.kernels.exact import exact_attention
 from subspec.model.config import ModelConfig
 from subspec.model.kv_cache import KVCache
 from subspec.model.layers import LayerSource, LayerWeights, Linear
+
+
+def finish(parts: Generator):
+    """Run a generator of parts (see Model.forward_parts) to its end; returns its value."""
+    while True:
+        try:
+            next(parts)
+        except StopIteration as done:
+            return done.value
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,11 +118,19 @@ class Model:
         kv_len: int,
     ) -> torch.Tensor:
         """Run the decoder; returns final hidden states [T, H] (before the final norm)."""
+        return finish(self.forward_parts(layers, cache, tokens, positions, slots, mask, kv_len))
+
+    def forward_parts(
+        self, layers: LayerSource, cache: KVCache, tokens, positions, slots, mask, kv_len
+    ) -> Generator[None, None, torch.Tensor]:  # fmt: skip
+        """forward() one decoder layer per next(): yields after each, returns the hidden
+        states, so that it can be run in another computation's waits (spec/lookahead.py)."""
         x = self.embed(tokens)  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         attn_mask = fused_kernel_mask(mask, x.dtype)  # once per forward, not per layer
         for i, w in layers:
             x = self._layer(i, w, x, cos, sin, cache, slots, attn_mask, kv_len)
+            yield
         return x
 
     def logits(self, hidden: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:

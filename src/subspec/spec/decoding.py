@@ -141,8 +141,7 @@ def speculative(
         ahead = None
         if spec.overlap and streamed is not None:
             shape = chooser.shape()
-            ahead = Lookahead(drafted, start, spec, shape, drafter.step, device,
-                              chooser.step_time(shape.width))  # fmt: skip
+            ahead = Lookahead(drafted, start, spec, shape, drafter, device)
         wait0 = _waited(streamed)
         with streamed.while_waiting(ahead.work) if ahead else nullcontext():
             hidden = target.forward(
@@ -163,12 +162,12 @@ def speculative(
         drafted_path = tree.origin[nodes]
         chooser.observe_steps(builder.width, draft_s, open_steps)
         if ahead:
-            chooser.observe_steps(ahead.shape.width, overlap_s, ahead_steps)
+            chooser.observe_steps(ahead.shape.width, ahead.level_s, ahead_steps)
         chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
                               tree.size, verify_s, wait_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
-        builder = ahead.take(drafted_path.tolist(), verdict.bonus, drafter) if ahead else None
+        builder = ahead.take(drafted_path.tolist(), verdict.bonus) if ahead else None
         pending = verdict.bonus
         yield verdict.tokens

@@ -6,10 +6,12 @@ accepted nodes. The speculative loop (decoding.py) needs nothing else from them.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Protocol
 
 import torch
 
+from subspec.model.forward import finish
 from subspec.model.layers import LayerSource, Linear
 from subspec.model.placed import PlacedModel
 from subspec.spec.decoding import prefill
@@ -21,6 +23,9 @@ class Drafter(Protocol):
 
     def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
         """Draft logits [t, V] for one tree level (see tree.DraftStep)."""
+
+    def step_parts(self, tokens, positions, slots, mask, kv_len) -> Generator:
+        """step() a part (a decoder layer or less) per next(); returns the logits."""
 
     def commit(self, src_slots: torch.Tensor) -> None:
         """The round's root and the accepted nodes, drafted at `src_slots` ([n], increasing,
@@ -41,8 +46,13 @@ class SharedDrafter:
         """Nothing to do: the draft reads the prefix KV the target wrote."""
 
     def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
+        return finish(self.step_parts(tokens, positions, slots, mask, kv_len))
+
+    def step_parts(self, tokens, positions, slots, mask, kv_len) -> Generator:
         t = self.target
-        hidden = t.model.forward(self.layers, t.cache, tokens, positions, slots, mask, kv_len)
+        hidden = yield from t.model.forward_parts(
+            self.layers, t.cache, tokens, positions, slots, mask, kv_len
+        )
         return t.logits(hidden, self.lm_head)
 
     def commit(self, src_slots: torch.Tensor) -> None:
@@ -63,7 +73,14 @@ class ModelDrafter:
         prefill(self.draft, prompt, chunk)
 
     def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
-        return self.draft.logits(self.draft.forward(tokens, positions, slots, mask, kv_len))
+        return finish(self.step_parts(tokens, positions, slots, mask, kv_len))
+
+    def step_parts(self, tokens, positions, slots, mask, kv_len) -> Generator:
+        d = self.draft
+        hidden = yield from d.model.forward_parts(
+            d.layers, d.cache, tokens, positions, slots, mask, kv_len
+        )
+        return d.logits(hidden)
 
     def commit(self, src_slots: torch.Tensor) -> None:
         self.draft.cache.advance(1)  # the root, drafted at the first slot

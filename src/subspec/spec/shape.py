@@ -95,10 +95,6 @@ class ShapeChooser:
         compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
         return lambda tree_size: max(v_mean, compute * tree_size / n_mean)
 
-    def step_time(self, width: int) -> float | None:
-        """Mean draft step seconds at `width` (see _step), None before any was measured."""
-        return self._step(width) if self.steps else None
-
     def _step(self, width: int) -> float:
         """Mean draft step time at `width`: measured, else the nearest measured width's."""
         nearest = min(self.steps, key=lambda k: (abs(k - width), -k))

@@ -6,7 +6,7 @@ slot `start + j` during a round; its RoPE position is `start + depth[j]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +58,8 @@ class Tree:
 
 # A draft forward: (tokens [t], positions [t], slots [t], mask [t, kv_len], kv_len) -> logits [t, V]
 DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# The same, a part per next(), returning the logits (Drafter.step_parts)
+DraftParts = Callable[..., Generator[None, None, torch.Tensor]]
 
 
 class TreeBuilder:
@@ -99,16 +101,27 @@ class TreeBuilder:
 
     def step(self) -> None:
         """Draft one level: expand the frontier, keep the best `width` children."""
-        f, n, base, w = self.frontier.numel(), self.n, self.base, self.width
+        self._grow(self.step_fn(*self._inputs()))
+
+    def step_parts(self, parts: DraftParts) -> Generator[None, None, None]:
+        """step() through `parts` (a DraftStep in parts, see Drafter.step_parts), a part per
+        next(). Abandoned before its end, it leaves the builder as it was."""
+        self._grow((yield from parts(*self._inputs())))
+
+    def _inputs(self) -> tuple:
+        """The draft step's arguments for the frontier: tokens, positions, slots, mask, kv_len."""
+        f, n, base = self.frontier.numel(), self.n, self.base
         if self.context is None:
             prefix = torch.ones(f, base, dtype=torch.bool, device=self.device)
         else:
             prefix = self.context[None].expand(f, base)
         mask = torch.cat([prefix, self.anc[self.frontier, :n]], dim=1)  # [f, base + n]
-        logits = self.step_fn(
-            self.tokens[self.frontier], self.pos0 + self.depths[self.frontier],
-            base + self.frontier, mask, base + n,
-        )  # fmt: skip
+        return (self.tokens[self.frontier], self.pos0 + self.depths[self.frontier],
+                base + self.frontier, mask, base + n)  # fmt: skip
+
+    def _grow(self, logits: torch.Tensor) -> None:
+        """Add the level that the frontier's draft logits [f, V] give."""
+        n, w = self.n, self.width
         # the global top-`width` paths are among each frontier node's top-`width` children;
         # the log-softmax keeps each row's order, so only the chosen entries are normalised
         top, child_tokens = logits.topk(w, dim=-1)  # [f, w]
