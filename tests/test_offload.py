@@ -497,3 +497,22 @@ def test_lm_head_chunk_files_and_streamed_head(tmp_path):
         for _ in range(2):  # two passes through the cyclic prefetcher
             torch.testing.assert_close(streamed(h), h @ head.T)
     store.close()
+
+
+def test_a_same_shaped_checkpoint_streams_its_own_layers(tmp_path):
+    """Two checkpoints that differ only in their weights (same names, shapes and sizes) each
+    stream their own layer files: the second must not find the first's cache and use it."""
+    from helpers import make_runtime, minimum_budget, write_tiny
+
+    from subspec.spec.decoding import prefill
+
+    ones = write_tiny("llama", tmp_path / "norms-at-one", seed=0, perturb=False)
+    other = write_tiny("llama", tmp_path / "norms-random", seed=0, perturb=True)
+    for model_dir in (ones, other):
+        streamed = make_runtime(model_dir, budget=minimum_budget(model_dir))
+        resident = make_runtime(model_dir)
+        assert streamed.placement.streams and not resident.placement.streams
+        prompt = resident.encode_prompt("hello world", chat=True)
+        assert torch.equal(
+            prefill(streamed.target, prompt, 64), prefill(resident.target, prompt, 64)
+        )

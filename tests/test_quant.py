@@ -240,6 +240,21 @@ def test_fingerprint_tracks_checkpoint(tmp_path):
     assert safetensors_fingerprint([shard]) != first
 
 
+def test_fingerprint_tells_same_shaped_checkpoints_apart(tmp_path):
+    """Another checkpoint of the same shapes (a fine-tune, a re-conversion), written in place
+    or elsewhere, has the same header: its caches must still not be the first one's."""
+    shard = tmp_path / "a" / "model.safetensors"
+    shard.parent.mkdir()
+    save_file({"w": torch.zeros(4, 4)}, shard)
+    first = safetensors_fingerprint([shard])
+    other = tmp_path / "b" / "model.safetensors"
+    other.parent.mkdir()
+    save_file({"w": torch.ones(4, 4)}, other)
+    assert safetensors_fingerprint([other]) != first
+    os.utime(shard, ns=(0, 0))  # rewritten in place: another modification time
+    assert safetensors_fingerprint([shard]) != first
+
+
 def test_min_max_rounding_without_hqq_matches_hqq(monkeypatch):
     import builtins
 

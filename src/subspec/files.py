@@ -46,11 +46,14 @@ def _header_bytes(path: Path) -> bytes:
 
 
 def safetensors_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
-    """sha256 over each safetensors file's name, size and header (tensor names, dtypes, shapes,
-    offsets): cheap, and it changes whenever the checkpoint is replaced."""
+    """sha256 over each safetensors file's absolute path, size, modification time and header
+    (tensor names, dtypes, shapes, offsets): cheap, and it changes whenever the checkpoint is
+    replaced, also by another of the same shapes (a fine-tune, a re-conversion), which the
+    header alone cannot tell apart."""
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+    for path in sorted(Path(p).resolve() for p in paths):
+        st = path.stat()
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         digest.update(_header_bytes(path))
     return digest.hexdigest()
 
