@@ -411,3 +411,20 @@ def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
     assert ahead.builder.done and ahead.steps == 1 + 3 and ahead.parts == 4 * (layers + 1)
     tree = ahead.builder.tree()
     assert tree.tokens[1].item() == (ahead.guess + 1) % vocab and tree.size == 1 + 3 * 2
+
+
+def test_shape_chooser_counts_the_levels_drafted_ahead():
+    """Where the next tree is drafted ahead whenever a round accepts its whole tree, a tree
+    shallow enough to be accepted whole and to fit in a pass's waits costs only the pass: the
+    chooser trades depth for it, and does not without guesses coming true."""
+    from subspec.spec.shape import ShapeChooser
+
+    depths = {}
+    for hit in (False, True):
+        chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
+        for accepted in (4, 8, 12, 16, 20, 20):  # acceptance fading with depth
+            _rounds(chooser, [accepted, accepted], rounds=1, depth=20, step_s=0.3)
+            chooser.observe_lookahead(accepted == 20, hit and accepted == 20, free_s=2.0)
+        depths[hit] = chooser.shape().depth
+    ahead = 2.0 / 0.3 - 1  # levels a pass's waits hold, after the guess's step
+    assert depths[True] < depths[False] and depths[True] <= ahead + 1, depths

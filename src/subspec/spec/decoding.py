@@ -168,6 +168,9 @@ def speculative(
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
+        whole = verdict.accepted == builder.depth  # the tree accepted to its last level
         builder = ahead.take(drafted_path.tolist(), verdict.bonus) if ahead else None
+        if ahead:
+            chooser.observe_lookahead(whole, builder is not None, wait_s + overlap_s)
         pending = verdict.bonus
         yield verdict.tokens

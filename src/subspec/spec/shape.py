@@ -6,9 +6,14 @@ of rounds whose tree reached depth d that accepted at least d tokens with a widt
 at width k also tells what a narrower tree would have accepted: level by level the nodes are
 kept best first, so a narrower tree holds the accepted path up to its first node ranked k' or
 lower (`accepted_by_width`); a narrower round counts for a wider tree with its own
-acceptance, a lower bound. A round costs D draft steps at width k (each width's mean step
-time, as measured) plus a verification pass: the pass's mean time while its compute, grown
-with the tree's size, stays hidden behind the transfers it waited for. The shape with the
+acceptance, a lower bound. A round costs its draft steps in the open at width k (each width's
+mean step time, as measured) plus a verification pass: the pass's mean time while its
+compute, grown with the tree's size, stays hidden behind the transfers it waited for. The
+steps in the open are D, less those drafted ahead in the previous pass's waits when its guess
+came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and the
+guess being right then, as measured (the share of such rounds that found their next tree
+drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds. The
+shape with the
 most tokens per second wins among those with no more nodes than the KV cache was sized for
 (spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
 widest tree runs once, so that every width's acceptance keeps being measured.
@@ -58,6 +63,10 @@ class ShapeChooser:
         self.step_s: dict[int, float] = {}  # width -> draft seconds, in the open and ahead
         self.steps: dict[int, int] = {}  # width -> draft steps
         self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, wait s)
+        # with overlap: rounds that accepted their whole tree, those of them whose next tree
+        # was drafted ahead, and each pass's time free for drafting ahead
+        self.full_rounds, self.full_hits = 0, 0
+        self.free_s: list[float] = []
 
     def observe_steps(self, width: int, seconds: float, steps: int) -> None:
         self.step_s[width] = self.step_s.get(width, 0.0) + seconds
@@ -68,6 +77,14 @@ class ShapeChooser:
         """`accepted`: accepted lengths by width (accepted_by_width)."""
         self.rounds.append((depth, accepted))
         self.verify.append((tree_size, verify_s, wait_s))
+
+    def observe_lookahead(self, whole: bool, hit: bool, free_s: float) -> None:
+        """A round run with a tree drafted ahead in its pass: `whole`: it accepted its whole
+        tree; `hit`: the next tree drafted ahead came true; `free_s`: the pass's waits for
+        weights, drafting ahead included."""
+        self.full_rounds += whole
+        self.full_hits += whole and hit
+        self.free_s.append(free_s)
 
     def shape(self) -> Shape:
         widths = [self.fixed_width] if self.fixed_width else range(1, self.max_width + 1)
@@ -81,9 +98,11 @@ class ShapeChooser:
         pass_s = self._pass_model()
         for k in widths:
             # tokens[d] = E(d, k) = 1 + S_k(1) + ... + S_k(d)
-            tokens, step = list(accumulate(self._survival(k)[1:], initial=1.0)), self._step(k)
+            survival, step = self._survival(k), self._step(k)
+            tokens = list(accumulate(survival[1:], initial=1.0))
+            open_steps = self._open_steps(survival, step)
             for d in (d for d in depths if 1 + d * k <= self.max_nodes):
-                rate = tokens[d] / (d * step + pass_s(1 + d * k))
+                rate = tokens[d] / (open_steps(d) * step + pass_s(1 + d * k))
                 if rate > best_rate:
                     best, best_rate = Shape(d, k), rate
         return best
@@ -94,6 +113,16 @@ class ShapeChooser:
         v_mean = sum(v[1] for v in self.verify) / len(self.verify)
         compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
         return lambda tree_size: max(v_mean, compute * tree_size / n_mean)
+
+    def _open_steps(self, survival: list[float], step: float):
+        """The expected draft steps in the open of a depth-d tree, as a function of d: d, less
+        the levels a pass drafts ahead (the first of its steps guesses the next root) in the
+        rounds whose guess comes true."""
+        if not self.free_s:
+            return lambda d: d
+        right = self.full_hits / self.full_rounds if self.full_rounds else 0.0
+        ahead = max(sum(self.free_s) / len(self.free_s) / step - 1.0, 0.0)
+        return lambda d: d - survival[d] * right * min(d, ahead)
 
     def _step(self, width: int) -> float:
         """Mean draft step time at `width`: measured, else the nearest measured width's."""
