@@ -13,9 +13,8 @@ steps in the open are D, less those drafted ahead in the previous pass's waits w
 came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and the
 guess being right then, as measured (the share of such rounds that found their next tree
 drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds. The
-shape with the
-most tokens per second wins among those with no more nodes than the KV cache was sized for
-(spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
+shape with the most tokens per second wins among those with no more nodes than the KV cache
+was sized for (spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
 widest tree runs once, so that every width's acceptance keeps being measured.
 """
 
@@ -65,7 +64,7 @@ class ShapeChooser:
         self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, wait s)
         # with overlap: rounds that accepted their whole tree, those of them whose next tree
         # was drafted ahead, and each pass's time free for drafting ahead
-        self.full_rounds, self.full_hits = 0, 0
+        self.whole_rounds, self.whole_hits = 0, 0
         self.free_s: list[float] = []
 
     def observe_steps(self, width: int, seconds: float, steps: int) -> None:
@@ -82,8 +81,8 @@ class ShapeChooser:
         """A round run with a tree drafted ahead in its pass: `whole`: it accepted its whole
         tree; `hit`: the next tree drafted ahead came true; `free_s`: the pass's waits for
         weights, drafting ahead included."""
-        self.full_rounds += whole
-        self.full_hits += whole and hit
+        self.whole_rounds += whole
+        self.whole_hits += whole and hit
         self.free_s.append(free_s)
 
     def shape(self) -> Shape:
@@ -120,7 +119,7 @@ class ShapeChooser:
         rounds whose guess comes true."""
         if not self.free_s:
             return lambda d: d
-        right = self.full_hits / self.full_rounds if self.full_rounds else 0.0
+        right = self.whole_hits / self.whole_rounds if self.whole_rounds else 0.0
         ahead = max(sum(self.free_s) / len(self.free_s) / step - 1.0, 0.0)
         return lambda d: d - survival[d] * right * min(d, ahead)
 
