@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import make_runtime, minimum_budget, write_tiny
 
 from subspec.bench.bandwidth import measure_disk_bandwidth, measure_slow_tier_bandwidth
 from subspec.errors import SubspecError
@@ -29,6 +30,7 @@ from subspec.offload.prefetch import Prefetcher
 from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore, aligned_empty
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.runtime.weights import ensure_head_files, head_chunk_rows
+from subspec.spec.decoding import prefill
 
 
 def make_layer(seed: int) -> dict[str, torch.Tensor]:
@@ -502,10 +504,6 @@ def test_lm_head_chunk_files_and_streamed_head(tmp_path):
 def test_a_same_shaped_checkpoint_streams_its_own_layers(tmp_path):
     """Two checkpoints that differ only in their weights (same names, shapes and sizes) each
     stream their own layer files: the second must not find the first's cache and use it."""
-    from helpers import make_runtime, minimum_budget, write_tiny
-
-    from subspec.spec.decoding import prefill
-
     ones = write_tiny("llama", tmp_path / "norms-at-one", seed=0, perturb=False)
     other = write_tiny("llama", tmp_path / "norms-random", seed=0, perturb=True)
     for model_dir in (ones, other):

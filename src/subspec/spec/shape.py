@@ -63,9 +63,9 @@ class ShapeChooser:
         self.steps: dict[int, int] = {}  # width -> draft steps
         self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, wait s)
         # with overlap: rounds that accepted their whole tree, those of them whose next tree
-        # was drafted ahead, and each pass's time free for drafting ahead
+        # was drafted ahead; passes drafting ahead, and their time free for it in all
         self.whole_rounds, self.whole_hits = 0, 0
-        self.free_s: list[float] = []
+        self.ahead_passes, self.free_s = 0, 0.0
 
     def observe_steps(self, width: int, seconds: float, steps: int) -> None:
         self.step_s[width] = self.step_s.get(width, 0.0) + seconds
@@ -83,7 +83,8 @@ class ShapeChooser:
         weights, drafting ahead included."""
         self.whole_rounds += whole
         self.whole_hits += whole and hit
-        self.free_s.append(free_s)
+        self.ahead_passes += 1
+        self.free_s += free_s
 
     def shape(self) -> Shape:
         widths = [self.fixed_width] if self.fixed_width else range(1, self.max_width + 1)
@@ -117,10 +118,10 @@ class ShapeChooser:
         """The expected draft steps in the open of a depth-d tree, as a function of d: d, less
         the levels a pass drafts ahead (the first of its steps guesses the next root) in the
         rounds whose guess comes true."""
-        if not self.free_s:
+        if not self.ahead_passes:
             return lambda d: d
         right = self.whole_hits / self.whole_rounds if self.whole_rounds else 0.0
-        ahead = max(sum(self.free_s) / len(self.free_s) / step - 1.0, 0.0)
+        ahead = max(self.free_s / self.ahead_passes / step - 1.0, 0.0)
         return lambda d: d - survival[d] * right * min(d, ahead)
 
     def _step(self, width: int) -> float:
