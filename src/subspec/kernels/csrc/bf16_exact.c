@@ -88,11 +88,20 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
         a3 = _mm512_dpbf16_ps(a3, xv, w3);                                     \
     } while (0)
 
+// While a tile reads a line of each of its rows of W, the same columns of the next tile's rows
+// are prefetched into L2: a tile's rows are short (3 KB at K = 1536), too short for the
+// hardware prefetcher to ramp up on each. On a Zen 4 VM this took 2-row calls from 18-24 to
+// 29-34 GB/s (dpbf16 path) and from 15-19 to 28-30 (fma path), 33-row dpbf16 calls from 7 to
+// 8. A hint only: the arithmetic is unchanged. (A macro: as a static inline function, gcc 12
+// dropped the prefetch.)
+#define PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+
 // The 32 values from c on that mask m_ selects, for every (row of x, row of W) of the tile.
 #define DP_CHUNK(c_, m_)                                                          \
     do {                                                                          \
         const int64_t c = (c_);                                                   \
         const __mmask32 m = (m_);                                                 \
+        for (int b_ = 0; b_ < NR; b_++) PREFETCH_L2(w[b_] + c + NR * k);           \
         const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[0] + c);     \
         const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[1] + c);     \
         const __m512bh w2 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[2] + c);     \
@@ -212,6 +221,12 @@ static FMA_TARGET inline float sum8(__m256 v) {  // fixed pairwise order over 8 
 #define FMA_CHUNK(c_, x0, x1, x2, x3, w0, w1, w2, bf16)                               \
     do {                                                                                \
         const int64_t c = (c_);                                                         \
+        if (c % (bf16 ? 32 : 16) == 0) { /* once per 64-byte line of W */                \
+            const int64_t at = (c + FNR * k) * (bf16 ? 2 : 4);                            \
+            PREFETCH_L2((const char *)(w0) + at);                                         \
+            PREFETCH_L2((const char *)(w1) + at);                                         \
+            PREFETCH_L2((const char *)(w2) + at);                                         \
+        }                                                                                 \
         const __m256 v0 = w8(w0, c, bf16), v1 = w8(w1, c, bf16), v2 = w8(w2, c, bf16); \
         FMA_ROW(x0, c00, c01, c02);                                                     \
         FMA_ROW(x1, c10, c11, c12);                                                     \
