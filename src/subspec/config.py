@@ -53,7 +53,7 @@ class SpecConfig:
     # CPU defaults, chosen by measurement (README): the paper's GPU shape is D=48, k=6
     depth: int | None = None  # None: chosen every round from measured costs (spec/shape.py)
     # None: chosen with the depth. Fixed at 2 by default: on the 1.5B at 1.78 GB, width auto
-    # ran at 3.82 tok/s against 4.17 for width 2 in one bench run (BENCHMARKS.md)
+    # ran at 4.58 tok/s against 4.93 for width 2 in the latest bench run (BENCHMARKS.md)
     width: int | None = 2
     max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
     max_width: int = 4  # the widest tree width=None may choose
