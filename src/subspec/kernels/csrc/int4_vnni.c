@@ -284,13 +284,24 @@ static float dot_bf16(const float *q, const uint16_t *k, int64_t d) {
     return f_sum(acc);
 }
 
-// out[D] += p * v[D] (v bf16)
-static void axpy_bf16(float p, const uint16_t *v, float *out, int64_t d) {
-    for (int64_t i = 0; i < d; i += 16) {
-        const int64_t live = upto16(d - i);
-        const f16 o = f_load_n(out + i, live);
-        f_store_n(out + i, f_fma(f_set(p), f_bf16_n(v + i, live), o), live);
+// out[d0 .. d0 + 16 nv) = scale * sum of p[s] v[s, d0 ..] over the keys `mask` keeps (v: bf16
+// rows [S, D]). The nv vectors of the output stay in registers across the keys: read and
+// written back per key, they had cost as much as the products. `nv` is a constant after
+// inlining.
+static inline __attribute__((always_inline)) void weigh_values(
+    const float *p, const uint16_t *values, const uint8_t *mask, int64_t kv_len, int64_t d,
+    int64_t d0, float scale, float *out, const int nv) {
+    f16 acc[4];
+    for (int c = 0; c < nv; c++) acc[c] = f_zero();
+    for (int64_t s = 0; s < kv_len; s++) {
+        if (mask && !mask[s]) continue;
+        const f16 ps = f_set(p[s]);
+        const uint16_t *v = values + s * d + d0;
+        for (int c = 0; c < nv; c++)
+            acc[c] = f_fma(ps, f_bf16_n(v + 16 * c, upto16(d - d0 - 16 * c)), acc[c]);
     }
+    for (int c = 0; c < nv; c++)
+        f_store_n(out + d0 + 16 * c, f_mul(acc[c], f_set(scale)), upto16(d - d0 - 16 * c));
 }
 
 // out[D] = softmax over the keys `mask` keeps of q . k_s / sqrt(D), applied to v; keys and
@@ -303,11 +314,19 @@ static void attend(const float *q, const uint16_t *keys, const uint16_t *values,
         scores[s] = mask && !mask[s] ? -INFINITY : dot_bf16(q, keys + s * d, d) * scale;
         top = fmaxf(top, scores[s]);
     }
-    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
-    if (top == -INFINITY) return;  // nothing to attend to
-    const float total = exp_shifted(scores, kv_len, top);
-    for (int64_t s = 0; s < kv_len; s++)
-        if (!mask || mask[s]) axpy_bf16(scores[s] / total, values + s * d, out, d);
+    if (top == -INFINITY) {  // nothing to attend to
+        for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+        return;
+    }
+    const float scale_out = 1.0f / exp_shifted(scores, kv_len, top);
+    for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 4 vectors of the output at a time
+        switch ((d - d0 + 15) / 16) {
+            case 1: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 1); break;
+            case 2: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 2); break;
+            case 3: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 3); break;
+            default: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 4); break;
+        }
+    }
 }
 
 // act[F] = silu(gate[F]) * up[F]
