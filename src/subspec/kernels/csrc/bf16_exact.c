@@ -88,12 +88,12 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
         a3 = _mm512_dpbf16_ps(a3, xv, w3);                                     \
     } while (0)
 
-// While a tile reads a line of each of its rows of W, the same columns of the next tile's rows
-// are prefetched into L2: a tile's rows are short (3 KB at K = 1536), too short for the
-// hardware prefetcher to ramp up on each. On a Zen 4 VM this took 2-row calls from 18-24 to
-// 29-34 GB/s (dpbf16 path) and from 15-19 to 28-30 (fma path), 33-row dpbf16 calls from 7 to
-// 8. A hint only: the arithmetic is unchanged. (A macro: as a static inline function, gcc 12
-// dropped the prefetch.)
+// While a tile reads a line of each of its rows of W (dp_tile, fma_tile_w), the same columns
+// of the next tile's rows are prefetched into L2: a tile's rows are short (3 KB at K = 1536),
+// too short for the hardware prefetcher to ramp up on each. On a Zen 4 VM this took 2-row
+// calls from 18-24 to 29-34 GB/s (dpbf16 path) and from 15-19 to 28-30 (fma path), 33-row
+// dpbf16 calls from 7 to 8. A hint only: the arithmetic is unchanged. (A macro: as a static
+// inline function, gcc 12 dropped the prefetch.)
 #define PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 // The 32 values from c on that mask m_ selects, for every (row of x, row of W) of the tile.
@@ -101,7 +101,6 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
     do {                                                                          \
         const int64_t c = (c_);                                                   \
         const __mmask32 m = (m_);                                                 \
-        for (int b_ = 0; b_ < NR; b_++) PREFETCH_L2(w[b_] + c + NR * k);           \
         const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[0] + c);     \
         const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[1] + c);     \
         const __m512bh w2 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[2] + c);     \
@@ -120,7 +119,10 @@ static DP_TARGET void dp_tile(const uint16_t *x[MR], const uint16_t *w[NR], int6
     c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = _mm512_setzero_ps();
     c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = _mm512_setzero_ps();
     const int64_t full = k / 32 * 32;
-    for (int64_t i = 0; i < full; i += 32) DP_CHUNK(i, ~(__mmask32)0);
+    for (int64_t i = 0; i < full; i += 32) {
+        for (int b = 0; b < NR; b++) PREFETCH_L2(w[b] + i + NR * k);  // the next tile's rows
+        DP_CHUNK(i, ~(__mmask32)0);
+    }
     // the last chunk reads only the values that exist; the rest are zeros on both sides
     if (full < k) DP_CHUNK(full, ((__mmask32)1 << (k - full)) - 1);
     const __m512 acc[MR][NR] = {
@@ -221,12 +223,6 @@ static FMA_TARGET inline float sum8(__m256 v) {  // fixed pairwise order over 8 
 #define FMA_CHUNK(c_, x0, x1, x2, x3, w0, w1, w2, bf16)                               \
     do {                                                                                \
         const int64_t c = (c_);                                                         \
-        if (c % (bf16 ? 32 : 16) == 0) { /* once per 64-byte line of W */                \
-            const int64_t at = (c + FNR * k) * (bf16 ? 2 : 4);                            \
-            PREFETCH_L2((const char *)(w0) + at);                                         \
-            PREFETCH_L2((const char *)(w1) + at);                                         \
-            PREFETCH_L2((const char *)(w2) + at);                                         \
-        }                                                                                 \
         const __m256 v0 = w8(w0, c, bf16), v1 = w8(w1, c, bf16), v2 = w8(w2, c, bf16); \
         FMA_ROW(x0, c00, c01, c02);                                                     \
         FMA_ROW(x1, c10, c11, c12);                                                     \
@@ -240,8 +236,13 @@ static FMA_TARGET inline __attribute__((always_inline)) void fma_tile_w(
     const float *x[MR] = {xp[0], xp[1], xp[2], xp[3]};
     __m256 c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32;
     c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < full; i += 8)
+    const int64_t size = bf16 ? 2 : 4, per_line = 64 / size;  // bytes per value of W
+    for (int64_t i = 0; i < full; i += 8) {
+        if (i % per_line == 0)  // a line of each of the next tile's rows
+            for (int b = 0; b < FNR; b++)
+                PREFETCH_L2((const char *)w[b] + (i + FNR * k) * size);
         FMA_CHUNK(i, x[0], x[1], x[2], x[3], w[0], w[1], w[2], bf16);
+    }
     if (full < k) {  // the last values, zero-padded to a chunk on both sides
         float xt[MR][8] = {{0}}, wt[FNR][8] = {{0}};
         for (int64_t l = 0; l < k - full; l++) {
