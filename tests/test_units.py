@@ -377,29 +377,44 @@ def test_accepted_by_width_reads_ranks_per_level():
     assert accepted_by_width(torch.tensor([], dtype=torch.long), 2) == [0, 0]
 
 
-def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
-    """The next tree is drafted a part (a layer of a draft step) per work() call, a level
-    running on across calls; once parts were timed, a wait expected to be shorter than
-    MIN_FILL of one gets nothing (work() says so) and leaves the level where it was."""
-    from subspec.config import SpecConfig
-    from subspec.spec.lookahead import MIN_FILL, Lookahead
+class _NextTokenDrafter:
+    """A draft whose next token is (token + 1) % VOCAB, drafted in LAYERS parts."""
+
+    VOCAB, LAYERS = 11, 3
+
+    def step(self, tokens, positions, slots, mask, kv_len):
+        return torch.nn.functional.one_hot((tokens + 1) % self.VOCAB, self.VOCAB).float() * 5
+
+    def step_parts(self, *args):
+        for _ in range(self.LAYERS):
+            yield
+        return self.step(*args)
+
+    def relocate(self, src_slots, dst_start):
+        pass
+
+
+def _lookahead(spec):
+    """A Lookahead after a depth-3, width-2 tree rooted at token 3 in slot 4."""
+    from subspec.spec.lookahead import Lookahead
     from subspec.spec.shape import Shape
     from subspec.spec.tree import build_tree
 
-    vocab, layers = 11, 3
-
-    class Drafter:  # the next token is (token + 1) % vocab, in `layers` parts
-        def step(self, tokens, positions, slots, mask, kv_len):
-            return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float() * 5
-
-        def step_parts(self, *args):
-            for _ in range(layers):
-                yield
-            return self.step(*args)
-
-    drafter = Drafter()
+    drafter = _NextTokenDrafter()
     drafted = build_tree(3, 4, 3, 2, 0.2, drafter.step, "cpu")
-    ahead = Lookahead(drafted, 4, SpecConfig(), Shape(3, 2), drafter, "cpu")
+    return Lookahead(drafted, 4, spec, Shape(3, 2), drafter, "cpu")
+
+
+def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
+    """The next tree is drafted a part (a layer of a draft step) per work() call, a level
+    running on across calls; once parts were timed, a wait expected to be shorter than
+    MIN_FILL of one gets nothing (work() says so) and leaves the level where it was. A fixed
+    depth stays fixed."""
+    from subspec.config import SpecConfig
+    from subspec.spec.lookahead import MIN_FILL
+
+    layers, vocab = _NextTokenDrafter.LAYERS, _NextTokenDrafter.VOCAB
+    ahead = _lookahead(SpecConfig(depth=3))
     for _ in range(layers):  # the guess's step, until its last part
         assert ahead.work() and ahead.steps == 0 and ahead.builder is None
     assert ahead.work() and ahead.steps == 1 and ahead.guess == (3 + 3 + 1) % vocab
@@ -411,6 +426,28 @@ def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
     assert ahead.builder.done and ahead.steps == 1 + 3 and ahead.parts == 4 * (layers + 1)
     tree = ahead.builder.tree()
     assert tree.tokens[1].item() == (ahead.guess + 1) % vocab and tree.size == 1 + 3 * 2
+
+
+def test_lookahead_deepens_a_complete_tree_in_waits_left_when_the_depth_is_chosen():
+    """With the depth chosen per round, a tree drafted ahead to its shape's depth grows on in
+    the waits left, up to the KV cache's room; a deepened level unfinished at take() is
+    dropped, not left for the next round to draft in the open."""
+    from subspec.config import SpecConfig
+
+    layers = _NextTokenDrafter.LAYERS
+    ahead = _lookahead(SpecConfig(max_depth=5))
+    while ahead.work():
+        pass
+    assert ahead.builder.depth == 5 and ahead.builder.done and ahead.steps == 1 + 5
+    assert ahead.builder.tree().size == 1 + 5 * 2
+
+    ahead = _lookahead(SpecConfig(max_depth=5))
+    while ahead.steps < 1 + 3:
+        ahead.work()
+    assert ahead.work() and ahead.builder.depth == 4 and ahead.builder.level == 3
+    taken = ahead.take(ahead.path[1:].tolist(), ahead.guess)
+    assert taken is ahead.builder and taken.done and taken.depth == 3
+    assert ahead.parts == (1 + 3) * (layers + 1) + 1
 
 
 def test_shape_chooser_counts_the_levels_drafted_ahead():

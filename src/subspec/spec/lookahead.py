@@ -8,7 +8,9 @@ when the guess came true (so it changes what is proposed, never what is emitted)
 The drafting runs a part per call of `work()`: one decoder layer of a draft step (see
 Drafter.step_parts), so a wait is filled up to its end and delays the pass by at most a
 part, and a level runs on across waits. A part starts only in a wait expected to last at
-least MIN_FILL of a part. A level still unfinished when the pass ends is dropped.
+least MIN_FILL of a part. A level still unfinished when the pass ends is dropped. Once the
+tree has its chosen depth, waits that would otherwise idle deepen it, level by level, as far
+as the KV cache allows (only where the depth is chosen per round: a fixed depth stays fixed).
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class Lookahead:
     def work(self, expected_wait_s: float = math.inf) -> bool:
         """Draft one part of the next tree (the first level guesses its root) if the wait is
         expected to last MIN_FILL of a part; False when it drafted nothing (also once the tree
-        is complete)."""
+        is complete and as deep as it may grow)."""
         if self._level is None and self.builder is not None and self.builder.done:
-            return False
+            if not self.builder.deepen():
+                return False
         if self.parts and expected_wait_s < MIN_FILL * self.work_s / self.parts:
             return False
         t0 = time.perf_counter()
@@ -94,7 +97,15 @@ class Lookahead:
         self.builder = TreeBuilder(
             self.guess, self.shape.depth, self.shape.width, spec.draft_temperature,
             self.drafter.step, self.device, base=kv_len, pos0=s + depth + 1, context=context,
+            room=self._room(),
         )  # fmt: skip
+
+    def _room(self) -> int:
+        """How deep the tree may grow once drafted to the chosen depth, in waits that would
+        otherwise idle: as deep as the KV cache allows when the depth is chosen per round."""
+        if self.spec.depth is not None:
+            return self.shape.depth
+        return min(self.spec.max_depth, (self.spec.tree_size - 1) // self.shape.width)
 
     def take(self, accepted: list[int], bonus: int) -> TreeBuilder | None:
         """The next tree's builder, its draft KV moved to the next round's slots, when the
@@ -103,6 +114,7 @@ class Lookahead:
         b = self.builder
         if b is None or bonus != self.guess or accepted != self.path[1:].tolist():
             return None
+        b.depth = max(b.level, self.shape.depth)  # a level deepened but unfinished is dropped
         next_start = self.start + 1 + len(accepted)  # the committed length after this round
         self.drafter.relocate(torch.arange(b.base, b.base + b.n, device=self.device), next_start)
         b.rebase(next_start)

@@ -69,16 +69,18 @@ class TreeBuilder:
     Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
     Node j is drafted at cache slot `base + j` with RoPE position `pos0 + depth[j]`; every
     node attends to the slots before `base` that `context` ([base] bool, None = all) marks,
-    its ancestors and itself.
+    its ancestors and itself. `room` (default `depth`) is the depth `deepen()` may take it to.
     """
 
     def __init__(self, root: int, depth: int, width: int, temperature: float, step: DraftStep,
-                 device, base: int, pos0: int | None = None, context=None):  # fmt: skip
+                 device, base: int, pos0: int | None = None, context=None,
+                 room: int | None = None):  # fmt: skip
         self.depth, self.width, self.temperature, self.step_fn = depth, width, temperature, step
         self.device, self.base = device, base
         self.pos0 = base if pos0 is None else pos0
         self.context = context  # [base] bool or None
-        n_max = 1 + depth * width
+        self.room = max(depth, room or depth)
+        n_max = 1 + self.room * width
         self.tokens = torch.empty(n_max, dtype=torch.long, device=device)
         self.parents = torch.full((n_max,), -1, dtype=torch.long, device=device)
         self.depths = torch.zeros(n_max, dtype=torch.long, device=device)
@@ -92,6 +94,13 @@ class TreeBuilder:
     @property
     def done(self) -> bool:
         return self.level == self.depth
+
+    def deepen(self) -> bool:
+        """One level more to draft, if the room allows: False when it does not."""
+        if self.depth == self.room:
+            return False
+        self.depth += 1
+        return True
 
     def rebase(self, base: int) -> None:
         """The nodes drafted so far now sit at `base + j` (and so does their position 0):
