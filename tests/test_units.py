@@ -444,7 +444,7 @@ def test_lookahead_deepens_a_complete_tree_in_waits_left_when_the_depth_is_chose
     ahead = _lookahead(SpecConfig(max_depth=5))
     while ahead.steps < 1 + 3:
         ahead.work()
-    assert ahead.work() and ahead.builder.depth == 4 and ahead.builder.level == 3
+    assert ahead.work() and ahead.builder.depth == 3 and ahead.builder.level == 3
     taken = ahead.take(ahead.path[1:].tolist(), ahead.guess)
     assert taken is ahead.builder and taken.done and taken.depth == 3
     assert ahead.parts == (1 + 3) * (layers + 1) + 1

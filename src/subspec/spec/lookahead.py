@@ -52,9 +52,9 @@ class Lookahead:
         """Draft one part of the next tree (the first level guesses its root) if the wait is
         expected to last MIN_FILL of a part; False when it drafted nothing (also once the tree
         is complete and as deep as it may grow)."""
-        if self._level is None and self.builder is not None and self.builder.done:
-            if not self.builder.deepen():
-                return False
+        b = self.builder
+        if self._level is None and b is not None and b.done and not b.can_deepen:
+            return False
         if self.parts and expected_wait_s < MIN_FILL * self.work_s / self.parts:
             return False
         t0 = time.perf_counter()
@@ -75,7 +75,8 @@ class Lookahead:
         return True
 
     def _grow(self) -> Generator:
-        return self.builder.step_parts(self.drafter.step_parts)
+        b = self.builder
+        return (b.deepen_parts if b.done else b.step_parts)(self.drafter.step_parts)
 
     def _start(self) -> Generator:
         """Re-feed the leaf at the scratch slot (its own slot is being verified) to guess the
@@ -114,7 +115,6 @@ class Lookahead:
         b = self.builder
         if b is None or bonus != self.guess or accepted != self.path[1:].tolist():
             return None
-        b.depth = max(b.level, self.shape.depth)  # a level deepened but unfinished is dropped
         next_start = self.start + 1 + len(accepted)  # the committed length after this round
         self.drafter.relocate(torch.arange(b.base, b.base + b.n, device=self.device), next_start)
         b.rebase(next_start)

@@ -69,7 +69,8 @@ class TreeBuilder:
     Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
     Node j is drafted at cache slot `base + j` with RoPE position `pos0 + depth[j]`; every
     node attends to the slots before `base` that `context` ([base] bool, None = all) marks,
-    its ancestors and itself. `room` (default `depth`) is the depth `deepen()` may take it to.
+    its ancestors and itself. `room` (default `depth`) is the depth `deepen_parts()` may
+    take it to.
     """
 
     def __init__(self, root: int, depth: int, width: int, temperature: float, step: DraftStep,
@@ -95,12 +96,15 @@ class TreeBuilder:
     def done(self) -> bool:
         return self.level == self.depth
 
-    def deepen(self) -> bool:
-        """One level more to draft, if the room allows: False when it does not."""
-        if self.depth == self.room:
-            return False
+    @property
+    def can_deepen(self) -> bool:
+        return self.depth < self.room
+
+    def deepen_parts(self, parts: DraftParts) -> Generator[None, None, None]:
+        """A level past the depth (see can_deepen), as step_parts: the depth grows once the
+        level is drafted, so abandoned before its end, it leaves the builder as it was."""
+        yield from self.step_parts(parts)
         self.depth += 1
-        return True
 
     def rebase(self, base: int) -> None:
         """The nodes drafted so far now sit at `base + j` (and so does their position 0):
