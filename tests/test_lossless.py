@@ -46,6 +46,13 @@ def full_bytes(tiny_model_dir):
     return make_engine(tiny_model_dir, ("vanilla",)).placement.resident_bytes
 
 
+def _classic_streams(model_dir, spec) -> int:
+    """A budget at which classic with `spec` (its KV cache sized by it) streams some layers:
+    a little under the target's and its draft's (here the same model's) full sizes."""
+    full = make_engine(model_dir, ("vanilla",), spec=spec).placement.resident_bytes
+    return 2 * full - 50_000
+
+
 @pytest.fixture
 def slow_disk(monkeypatch):
     """Layer reads take 10 ms more: verification passes wait, so drafting ahead runs."""
@@ -102,12 +109,12 @@ def test_pruned_tree_greedy_identical(
 
 
 @pytest.mark.parametrize("method", ["subspec", "classic"])
-def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, full_bytes, method):
+def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, method):
     """A draft equal to the target (no quantization; or the target as its own classic draft):
     every round accepts depth tokens, so tau = depth + 1 until the token limit. (16-bit
     substitutes cost what the layers cost, so that subspec engine keeps everything resident.)"""
     spec = SpecConfig(depth=4, width=1, bits=16, head_bits=16)
-    budget = 2 * full_bytes - 50_000 if method == "classic" else None
+    budget = _classic_streams(tiny_model_dir, spec) if method == "classic" else None
     engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_model_dir)
     assert engine.placement.streams == (method == "classic")
     tokens, stats = generate(engine, method, PROMPTS[0], max_new=1 + 5 * 4)
@@ -189,12 +196,12 @@ def test_overlap_drafts_ahead_and_changes_nothing(
             assert (stats.spec.overlap_s > 0) == overlap
 
 
-def test_identical_draft_drafted_ahead_is_used(tiny_model_dir, full_bytes, slow_disk):
+def test_identical_draft_drafted_ahead_is_used(tiny_model_dir, slow_disk):
     """With the target as its own draft every guess comes true: every round after the first
     starts from a tree drafted during the previous pass."""
     spec = SpecConfig(depth=4, width=1, bits=16, head_bits=16)
-    engine = make_engine(tiny_model_dir, ("classic",), 2 * full_bytes - 50_000, spec=spec,
-                         draft=tiny_model_dir)  # fmt: skip
+    budget = _classic_streams(tiny_model_dir, spec)
+    engine = make_engine(tiny_model_dir, ("classic",), budget, spec=spec, draft=tiny_model_dir)
     tokens, stats = generate(engine, "classic", PROMPTS[0], max_new=1 + 5 * 4)
     assert stats.spec.accept_lengths == [4] * 4
     assert stats.spec.lookahead_hits == 3

@@ -382,7 +382,11 @@ class _NextTokenDrafter:
 
     VOCAB, LAYERS = 11, 3
 
+    def __init__(self):
+        self.rows = []  # the rows of each draft step
+
     def step(self, tokens, positions, slots, mask, kv_len):
+        self.rows.append(tokens.numel())
         return torch.nn.functional.one_hot((tokens + 1) % self.VOCAB, self.VOCAB).float() * 5
 
     def step_parts(self, *args):
@@ -402,6 +406,7 @@ def _lookahead(spec):
 
     drafter = _NextTokenDrafter()
     drafted = build_tree(3, 4, 3, 2, 0.2, drafter.step, "cpu")
+    drafter.rows.clear()
     return Lookahead(drafted, 4, spec, Shape(3, 2), drafter, "cpu")
 
 
@@ -414,18 +419,19 @@ def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
     from subspec.spec.lookahead import MIN_FILL
 
     layers, vocab = _NextTokenDrafter.LAYERS, _NextTokenDrafter.VOCAB
-    ahead = _lookahead(SpecConfig(depth=3))
+    ahead = _lookahead(SpecConfig(depth=3, guesses=1))
     for _ in range(layers):  # the guess's step, until its last part
-        assert ahead.work() and ahead.steps == 0 and ahead.builder is None
-    assert ahead.work() and ahead.steps == 1 and ahead.guess == (3 + 3 + 1) % vocab
+        assert ahead.work() and ahead.steps == 0 and not ahead.builders
+    assert ahead.work() and ahead.steps == 1 and ahead.guesses == [(3 + 3 + 1) % vocab]
     part_s = ahead.work_s / ahead.parts
     assert not ahead.work(MIN_FILL * part_s * 0.5) and ahead.parts == layers + 1
     assert ahead.work(MIN_FILL * part_s * 2) and ahead.parts == layers + 2
     while ahead.work():
         pass
-    assert ahead.builder.done and ahead.steps == 1 + 3 and ahead.parts == 4 * (layers + 1)
-    tree = ahead.builder.tree()
-    assert tree.tokens[1].item() == (ahead.guess + 1) % vocab and tree.size == 1 + 3 * 2
+    (builder,) = ahead.builders
+    assert builder.done and ahead.steps == 1 + 3 and ahead.parts == 4 * (layers + 1)
+    tree = builder.tree()
+    assert tree.tokens[1].item() == (ahead.guesses[0] + 1) % vocab and tree.size == 1 + 3 * 2
 
 
 def test_lookahead_deepens_a_complete_tree_in_waits_left_when_the_depth_is_chosen():
@@ -434,20 +440,45 @@ def test_lookahead_deepens_a_complete_tree_in_waits_left_when_the_depth_is_chose
     dropped, not left for the next round to draft in the open."""
     from subspec.config import SpecConfig
 
-    layers = _NextTokenDrafter.LAYERS
+    layers, spec = _NextTokenDrafter.LAYERS, SpecConfig(max_depth=5, guesses=1)
+    ahead = _lookahead(spec)
+    while ahead.work():
+        pass
+    (builder,) = ahead.builders
+    assert builder.depth == 5 and builder.done and ahead.steps == 1 + 5
+    assert builder.tree().size == 1 + 5 * 2
+
+    ahead = _lookahead(spec)
+    while ahead.steps < 1 + 3:
+        ahead.work()
+    (builder,) = ahead.builders
+    assert ahead.work() and builder.depth == 3 and builder.level == 3
+    taken = ahead.take(ahead.paths[0][1:].tolist(), ahead.guesses[0])
+    assert taken is builder and taken.done and taken.depth == 3
+    assert ahead.parts == (1 + 3) * (layers + 1) + 1
+
+
+def test_lookahead_drafts_on_two_guesses_in_one_step_per_level():
+    """The next trees grow on the two best full-depth paths at once: one draft step per
+    level holds both frontiers, and take() keeps the tree of whichever guess came true (its
+    path and its bonus), none otherwise. Where the KV cache holds two trees only at the
+    chosen depth, they do not deepen; where it cannot hold two, one guess is drafted."""
+    from subspec.config import SpecConfig
+
     ahead = _lookahead(SpecConfig(max_depth=5))
     while ahead.work():
         pass
-    assert ahead.builder.depth == 5 and ahead.builder.done and ahead.steps == 1 + 5
-    assert ahead.builder.tree().size == 1 + 5 * 2
+    assert ahead.drafter.rows[-4:] == [2, 2 * 1, 2 * 2, 2 * 2]  # leaves, then 3 levels
+    assert len(ahead.builders) == 2 and all(b.depth == 3 and b.done for b in ahead.builders)
+    first, second = ahead.paths
+    scores = ahead.drafted.scores
+    assert first[-1] != second[-1] and scores[first[-1]] >= scores[second[-1]]
+    assert ahead.guesses == [(int(ahead.drafted.tokens[p[-1]]) + 1) % 11 for p in ahead.paths]
+    assert ahead.take(first[1:].tolist(), ahead.guesses[0] + 1) is None
+    taken = ahead.take(second[1:].tolist(), ahead.guesses[1])
+    assert taken is ahead.builders[1] and taken.tree().tokens[0] == ahead.guesses[1]
 
-    ahead = _lookahead(SpecConfig(max_depth=5))
-    while ahead.steps < 1 + 3:
-        ahead.work()
-    assert ahead.work() and ahead.builder.depth == 3 and ahead.builder.level == 3
-    taken = ahead.take(ahead.path[1:].tolist(), ahead.guess)
-    assert taken is ahead.builder and taken.done and taken.depth == 3
-    assert ahead.parts == (1 + 3) * (layers + 1) + 1
+    assert len(_lookahead(SpecConfig(max_depth=3)).leaves) == 1  # no room for two trees
 
 
 def test_shape_chooser_counts_the_levels_drafted_ahead():

@@ -66,11 +66,14 @@ class SpecConfig:
         True  # HQQ's half-quadratic solver; False = plain min-max rounding, ~20x faster
     )
     overlap: bool = True  # draft the next tree while the verification pass waits for weights
+    guesses: int = 2  # with overlap: outcomes of a round the next tree is drafted ahead on
 
     def __post_init__(self) -> None:
         shape = (self.depth, self.width, self.max_depth, self.max_width)
         if any(v is not None and v < 1 for v in shape):
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
+        if self.guesses < 1:
+            raise SubspecError(f"guesses must be >= 1, got {self.guesses}")
         if self.verify_nodes < 0:
             raise SubspecError(f"verify nodes must be >= 0, got {self.verify_nodes}")
         if not self.draft_temperature > 0:
@@ -88,9 +91,15 @@ class SpecConfig:
 
     @property
     def cache_slots(self) -> int:
-        """KV slots a round needs after the committed prefix: its tree, and with overlap a
-        copy of the leaf and the next tree drafted ahead (spec/lookahead.py)."""
-        return 2 * self.tree_size + 1 if self.overlap else self.tree_size
+        """KV slots a round needs after the committed prefix: its tree and, with overlap, for
+        each guess a copy of its leaf and the next tree drafted ahead on it (spec/lookahead.py).
+        Under depth auto the guesses share one largest tree's room (trees are mostly
+        shallower than max_depth), so the cache does not grow with them."""
+        if not self.overlap:
+            return self.tree_size
+        if self.depth is None:
+            return 2 * self.tree_size + 1
+        return self.tree_size + self.guesses * (self.tree_size + 1)
 
 
 _SIZE_UNITS = {

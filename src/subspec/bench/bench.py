@@ -23,7 +23,7 @@ from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
 
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
-VARIANTS = "no-overlap, exact, fast, depthN, widthN, depthauto, widthauto"
+VARIANTS = "no-overlap, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN"
 
 
 def run_bench(args) -> dict:
@@ -82,6 +82,10 @@ def _variant_override(option: str) -> dict:
         return {"numerics": option}
     if m := re.fullmatch(r"(depth|width)(\d+|auto)", option):
         return {m.group(1): None if m.group(2) == "auto" else int(m.group(2))}
+    if m := re.fullmatch(r"guesses(\d+)", option):
+        return {"guesses": int(m.group(1))}
+    if m := re.fullmatch(r"head(\d+)", option):  # the draft LM head's bits (16: the target's)
+        return {"draft_head_bits": int(m.group(1))}
     raise SubspecError(f"unknown method variant {option!r}; variants: {VARIANTS}")
 
 

@@ -54,6 +54,7 @@ class Session:
                 depths=list(c.depths),
                 accept_lengths=list(c.accept_lengths),
                 rounds=[[round(t, 4) for t in r] for r in c.rounds],
+                ahead_steps=c.lookahead_steps,
             )
         return GenerationStats(
             method=method,

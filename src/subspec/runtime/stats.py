@@ -35,6 +35,7 @@ class SpecStats:
     widths: list[int]  # each round's tree width
     accept_lengths: list[int]  # accepted draft tokens per round
     rounds: list[list[float]]  # each round's [draft, verify, overlap] seconds
+    ahead_steps: int = 0  # of draft_steps, those drafted ahead (each for all guesses at once)
 
 
 @dataclass(frozen=True)

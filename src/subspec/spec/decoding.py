@@ -162,7 +162,7 @@ def speculative(
         drafted_path = tree.origin[nodes]
         chooser.observe_steps(builder.width, draft_s, open_steps)
         if ahead:
-            chooser.observe_steps(ahead.shape.width, ahead.level_s, ahead_steps)
+            chooser.observe_steps(ahead.rows, ahead.level_s, ahead_steps)
         chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
                               tree.size, verify_s, wait_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
@@ -171,6 +171,6 @@ def speculative(
         whole = verdict.accepted == builder.depth  # the tree accepted to its last level
         builder = ahead.take(drafted_path.tolist(), verdict.bonus) if ahead else None
         if ahead:
-            chooser.observe_lookahead(whole, builder is not None, wait_s + overlap_s)
+            chooser.observe_lookahead(whole, builder is not None, wait_s + overlap_s, ahead.rows)
         pending = verdict.bonus
         yield verdict.tokens

@@ -1,16 +1,20 @@
 """Drafting the next round's tree while the target's verification pass waits for weights.
 
-The guess: the target accepts the current tree's best path whole, then picks the draft's own
-top token after it as the bonus. The next tree is grown from that guess in the cache slots
-after the current tree, in the gaps of the verification pass; after the walk it is kept only
-when the guess came true (so it changes what is proposed, never what is emitted).
+A guess is one outcome of the walk: the target accepts a full-depth path of the current tree
+whole, then picks the draft's own top token after its leaf as the bonus. The next tree is
+grown from each of the `spec.guesses` best guesses (the best-scoring full-depth paths) in
+the cache slots after the current tree, in the gaps of the verification pass, all of them in
+one batched draft step per level (a step costs about its weight reads, whatever its rows).
+After the walk the tree of the guess that came true is kept, if any (so this changes what is
+proposed, never what is emitted).
 
 The drafting runs a part per call of `work()`: one decoder layer of a draft step (see
 Drafter.step_parts), so a wait is filled up to its end and delays the pass by at most a
 part, and a level runs on across waits. A part starts only in a wait expected to last at
 least MIN_FILL of a part. A level still unfinished when the pass ends is dropped. Once the
-tree has its chosen depth, waits that would otherwise idle deepen it, level by level, as far
-as the KV cache allows (only where the depth is chosen per round: a fixed depth stays fixed).
+trees have their chosen depth, waits that would otherwise idle deepen them, level by level,
+as far as the KV cache allows (only where the depth is chosen per round: a fixed depth stays
+fixed).
 """
 
 from __future__ import annotations
@@ -23,43 +27,44 @@ import torch
 
 from subspec.config import SpecConfig
 from subspec.spec.shape import Shape
-from subspec.spec.tree import Tree, TreeBuilder
+from subspec.spec.tree import Tree, TreeBuilder, grow_together
 
 MIN_FILL = 0.5  # the share of a part a wait must be expected to fill to start one
 
 
 class Lookahead:
-    """The next round's tree, drafted ahead of the walk on a guess about its outcome."""
+    """The next round's tree, drafted ahead of the walk on guesses about its outcome."""
 
     def __init__(self, drafted: Tree, start: int, spec: SpecConfig, shape: Shape, drafter,
                  device):  # fmt: skip
         """`shape`: the next tree's; `drafter`: its step and step_parts draft the levels."""
         self.drafted, self.start, self.spec, self.shape = drafted, start, spec, shape
         self.drafter, self.device = drafter, device
+        self.scratch = start + drafted.size  # first slot after the tree as drafted
         last = drafted.depths == drafted.depths.max()
         scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
-        self.leaf = int(scores.argmax())  # the end of the best full-depth path
-        self.path = drafted.ancestors[self.leaf].nonzero().flatten()  # root .. leaf
-        self.scratch = start + drafted.size  # first slot after the tree as drafted
-        self.builder: TreeBuilder | None = None
-        self.guess: int | None = None
+        n, self.room = self._guesses_and_room(int(last.sum()))
+        self.leaves = scores.topk(n).indices  # [n] the ends of the best full-depth paths
+        self.paths = [drafted.ancestors[leaf].nonzero().flatten() for leaf in self.leaves]
+        self.builders: list[TreeBuilder] = []  # one per guess, once the leaves are re-fed
+        self.guesses: list[int] = []  # the bonus token guessed after each leaf
+        self.rows = len(self.leaves) * shape.width  # a level's draft step: rows at full width
         self._level: Generator | None = None  # the level being drafted, part by part
         self.work_s, self.parts = 0.0, 0  # every part run
-        self.level_s, self.steps = 0.0, 0  # the levels completed (the guess's step included)
+        self.level_s, self.steps = 0.0, 0  # the levels completed (the guesses' step included)
         self._level_s = 0.0  # seconds so far of the level being drafted
 
     def work(self, expected_wait_s: float = math.inf) -> bool:
-        """Draft one part of the next tree (the first level guesses its root) if the wait is
-        expected to last MIN_FILL of a part; False when it drafted nothing (also once the tree
-        is complete and as deep as it may grow)."""
-        b = self.builder
-        if self._level is None and b is not None and b.done and not b.can_deepen:
+        """Draft one part of the next trees (the first level guesses their roots) if the wait
+        is expected to last MIN_FILL of a part; False when it drafted nothing (also once the
+        trees are complete and as deep as they may grow)."""
+        if self._level is None and self.builders and not self._can_grow():
             return False
         if self.parts and expected_wait_s < MIN_FILL * self.work_s / self.parts:
             return False
         t0 = time.perf_counter()
         if self._level is None:
-            self._level = self._start() if self.builder is None else self._grow()
+            self._level = self._start() if not self.builders else self._grow()
         try:
             next(self._level)
         except StopIteration:
@@ -74,48 +79,67 @@ class Lookahead:
             self._level_s = 0.0
         return True
 
+    def _can_grow(self) -> bool:
+        return any(not b.done or b.can_deepen for b in self.builders)
+
     def _grow(self) -> Generator:
-        b = self.builder
-        return (b.deepen_parts if b.done else b.step_parts)(self.drafter.step_parts)
+        return grow_together(self.builders, self.drafter.step_parts)
 
     def _start(self) -> Generator:
-        """Re-feed the leaf at the scratch slot (its own slot is being verified) to guess the
-        bonus, and root the next tree there, one slot further on."""
-        s, leaf = self.start, self.leaf
-        kv_len = self.scratch + 1
-        context = torch.zeros(kv_len, dtype=torch.bool, device=self.device)  # [kv_len]
-        context[:s] = True  # the committed prefix
-        context[s + self.path[:-1]] = True  # the root and the path above the leaf
-        context[self.scratch] = True  # the leaf's copy
-        depth = int(self.drafted.depths[leaf])
-        position = torch.tensor([s + depth], device=self.device)
-        slot = torch.tensor([self.scratch], device=self.device)
+        """Re-feed the leaves at scratch slots (their own slots are being verified) to guess
+        the bonus after each, and root a next tree on each guess after them."""
+        s, n = self.start, len(self.leaves)
+        kv_len = self.scratch + n
+        contexts = torch.zeros(n, kv_len, dtype=torch.bool, device=self.device)  # [n, kv_len]
+        contexts[:, :s] = True  # the committed prefix
+        for g, path in enumerate(self.paths):
+            contexts[g, s + path[:-1]] = True  # the root and the path above the leaf
+            contexts[g, self.scratch + g] = True  # the leaf's copy
+        depth = int(self.drafted.depths[self.leaves[0]])  # every leaf is at full depth
+        positions = torch.full((n,), s + depth, device=self.device)
+        slots = self.scratch + torch.arange(n, device=self.device)
         logits = yield from self.drafter.step_parts(
-            self.drafted.tokens[leaf : leaf + 1], position, slot, context[None], kv_len
-        )
-        self.guess = int(logits[0].argmax())
-        spec = self.spec
-        self.builder = TreeBuilder(
-            self.guess, self.shape.depth, self.shape.width, spec.draft_temperature,
-            self.drafter.step, self.device, base=kv_len, pos0=s + depth + 1, context=context,
-            room=self._room(),
-        )  # fmt: skip
+            self.drafted.tokens[self.leaves], positions, slots, contexts, kv_len
+        )  # [n, V]
+        self.guesses = logits.argmax(-1).tolist()
+        base, spec = kv_len, self.spec
+        for guess, context in zip(self.guesses, contexts, strict=True):
+            b = TreeBuilder(
+                guess, self.shape.depth, self.shape.width, spec.draft_temperature,
+                self.drafter.step, self.device, base=base, pos0=s + depth + 1,
+                context=torch.cat([context, context.new_zeros(base - kv_len)]), room=self.room,
+            )  # fmt: skip
+            self.builders.append(b)
+            base += b.capacity
 
-    def _room(self) -> int:
-        """How deep the tree may grow once drafted to the chosen depth, in waits that would
-        otherwise idle: as deep as the KV cache allows when the depth is chosen per round."""
-        if self.spec.depth is not None:
-            return self.shape.depth
-        return min(self.spec.max_depth, (self.spec.tree_size - 1) // self.shape.width)
+    def _guesses_and_room(self, leaves: int) -> tuple[int, int]:
+        """How many guesses to draft ahead on, and how deep each tree may grow: once at the
+        chosen depth, in waits that would otherwise idle, as deep as the KV cache allows when
+        the depth is chosen per round. Fewer guesses when the slots after the current tree
+        cannot hold that many trees of the chosen depth."""
+        spec, width = self.spec, self.shape.width
+        if spec.depth is not None:
+            most = self.shape.depth  # a fixed depth stays fixed
+        else:  # no deeper, nor with more nodes, than a tree the chooser may pick
+            most = min(spec.max_depth, (spec.tree_size - 1) // width)
+        free = spec.cache_slots - self.drafted.size  # slots after the current tree
+        for n in range(min(spec.guesses, leaves), 1, -1):
+            room = min(most, (free // n - 2) // width)  # a leaf copy and a tree per guess
+            if room >= self.shape.depth:
+                return n, room
+        return 1, min(most, (free - 2) // width)
 
     def take(self, accepted: list[int], bonus: int) -> TreeBuilder | None:
         """The next tree's builder, its draft KV moved to the next round's slots, when the
-        walk accepted exactly the guessed path (`accepted`: drafted node indices, root
-        excluded) and drew the guessed bonus; else None."""
-        b = self.builder
-        if b is None or bonus != self.guess or accepted != self.path[1:].tolist():
+        walk accepted exactly a guessed path (`accepted`: drafted node indices, root
+        excluded) and drew the bonus guessed after it; else None."""
+        if not self.builders:  # the pass ended before the leaves were re-fed
             return None
-        next_start = self.start + 1 + len(accepted)  # the committed length after this round
-        self.drafter.relocate(torch.arange(b.base, b.base + b.n, device=self.device), next_start)
-        b.rebase(next_start)
-        return b
+        for path, guess, b in zip(self.paths, self.guesses, self.builders, strict=True):
+            if bonus == guess and accepted == path[1:].tolist():
+                next_start = self.start + 1 + len(accepted)  # the committed length after it
+                slots = torch.arange(b.base, b.base + b.n, device=self.device)
+                self.drafter.relocate(slots, next_start)
+                b.rebase(next_start)
+                return b
+        return None

@@ -10,9 +10,10 @@ acceptance, a lower bound. A round costs its draft steps in the open at width k 
 mean step time, as measured) plus a verification pass: the pass's mean time while its
 compute, grown with the tree's size, stays hidden behind the transfers it waited for. The
 steps in the open are D, less those drafted ahead in the previous pass's waits when its guess
-came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and the
+came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and a
 guess being right then, as measured (the share of such rounds that found their next tree
-drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds. The
+drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds, at
+the measured time of a step drafting ahead (all guesses' frontiers at once). The
 shape with the most tokens per second wins among those with no more nodes than the KV cache
 was sized for (spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
 widest tree runs once, so that every width's acceptance keeps being measured.
@@ -66,8 +67,11 @@ class ShapeChooser:
         # was drafted ahead; passes drafting ahead, and their time free for it in all
         self.whole_rounds, self.whole_hits = 0, 0
         self.ahead_passes, self.free_s = 0, 0.0
+        self.ahead_rows: int | None = None  # rows of a draft step drafting ahead
 
     def observe_steps(self, width: int, seconds: float, steps: int) -> None:
+        if not steps:
+            return
         self.step_s[width] = self.step_s.get(width, 0.0) + seconds
         self.steps[width] = self.steps.get(width, 0) + steps
 
@@ -77,10 +81,13 @@ class ShapeChooser:
         self.rounds.append((depth, accepted))
         self.verify.append((tree_size, verify_s, wait_s))
 
-    def observe_lookahead(self, whole: bool, hit: bool, free_s: float) -> None:
+    def observe_lookahead(self, whole: bool, hit: bool, free_s: float,
+                          rows: int | None = None) -> None:  # fmt: skip
         """A round run with a tree drafted ahead in its pass: `whole`: it accepted its whole
         tree; `hit`: the next tree drafted ahead came true; `free_s`: the pass's waits for
-        weights, drafting ahead included."""
+        weights, drafting ahead included; `rows`: a draft step's rows there (all guesses'
+        frontiers; None: the width's)."""
+        self.ahead_rows = rows
         self.whole_rounds += whole
         self.whole_hits += whole and hit
         self.ahead_passes += 1
@@ -100,7 +107,7 @@ class ShapeChooser:
             # tokens[d] = E(d, k) = 1 + S_k(1) + ... + S_k(d)
             survival, step = self._survival(k), self._step(k)
             tokens = list(accumulate(survival[1:], initial=1.0))
-            open_steps = self._open_steps(survival, step)
+            open_steps = self._open_steps(survival, self._step(self.ahead_rows or k))
             for d in (d for d in depths if 1 + d * k <= self.max_nodes):
                 rate = tokens[d] / (open_steps(d) * step + pass_s(1 + d * k))
                 if rate > best_rate:
@@ -114,14 +121,14 @@ class ShapeChooser:
         compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
         return lambda tree_size: max(v_mean, compute * tree_size / n_mean)
 
-    def _open_steps(self, survival: list[float], step: float):
+    def _open_steps(self, survival: list[float], ahead_step: float):
         """The expected draft steps in the open of a depth-d tree, as a function of d: d, less
-        the levels a pass drafts ahead (the first of its steps guesses the next root) in the
-        rounds whose guess comes true."""
+        the levels a pass drafts ahead (steps of `ahead_step` seconds, the first of which
+        guesses the next roots) in the rounds whose guess comes true."""
         if not self.ahead_passes:
             return lambda d: d
         right = self.whole_hits / self.whole_rounds if self.whole_rounds else 0.0
-        ahead = max(self.free_s / self.ahead_passes / step - 1.0, 0.0)
+        ahead = max(self.free_s / self.ahead_passes / ahead_step - 1.0, 0.0)
         return lambda d: d - survival[d] * right * min(d, ahead)
 
     def _step(self, width: int) -> float:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from subspec.kernels import native
 
@@ -69,7 +70,7 @@ class TreeBuilder:
     Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
     Node j is drafted at cache slot `base + j` with RoPE position `pos0 + depth[j]`; every
     node attends to the slots before `base` that `context` ([base] bool, None = all) marks,
-    its ancestors and itself. `room` (default `depth`) is the depth `deepen_parts()` may
+    its ancestors and itself. `room` (default `depth`) is the depth `grow_together()` may
     take it to.
     """
 
@@ -93,18 +94,17 @@ class TreeBuilder:
         self.n, self.level = 1, 0
 
     @property
+    def capacity(self) -> int:
+        """The cache slots from `base` that its nodes may take, deepened to its room."""
+        return self.tokens.numel()
+
+    @property
     def done(self) -> bool:
         return self.level == self.depth
 
     @property
     def can_deepen(self) -> bool:
         return self.depth < self.room
-
-    def deepen_parts(self, parts: DraftParts) -> Generator[None, None, None]:
-        """A level past the depth (see can_deepen), as step_parts: the depth grows once the
-        level is drafted, so abandoned before its end, it leaves the builder as it was."""
-        yield from self.step_parts(parts)
-        self.depth += 1
 
     def rebase(self, base: int) -> None:
         """The nodes drafted so far now sit at `base + j` (and so does their position 0):
@@ -114,14 +114,9 @@ class TreeBuilder:
 
     def step(self) -> None:
         """Draft one level: expand the frontier, keep the best `width` children."""
-        self._grow(self.step_fn(*self._inputs()))
+        self.add_level(self.step_fn(*self.level_inputs()))
 
-    def step_parts(self, parts: DraftParts) -> Generator[None, None, None]:
-        """step() through `parts` (a DraftStep in parts, see Drafter.step_parts), a part per
-        next(). Abandoned before its end, it leaves the builder as it was."""
-        self._grow((yield from parts(*self._inputs())))
-
-    def _inputs(self) -> tuple:
+    def level_inputs(self) -> tuple:
         """The draft step's arguments for the frontier: tokens, positions, slots, mask, kv_len."""
         f, n, base = self.frontier.numel(), self.n, self.base
         if self.context is None:
@@ -132,7 +127,7 @@ class TreeBuilder:
         return (self.tokens[self.frontier], self.pos0 + self.depths[self.frontier],
                 base + self.frontier, mask, base + n)  # fmt: skip
 
-    def _grow(self, logits: torch.Tensor) -> None:
+    def add_level(self, logits: torch.Tensor) -> None:
         """Add the level that the frontier's draft logits [f, V] give."""
         n, w = self.n, self.width
         # the global top-`width` paths are among each frontier node's top-`width` children;
@@ -157,6 +152,27 @@ class TreeBuilder:
         origin = torch.arange(n, device=self.device)
         return Tree(self.tokens[:n], self.parents[:n], self.depths[:n], self.anc[:n, :n],
                     self.path_scores[:n], origin)  # fmt: skip
+
+
+def grow_together(builders: list[TreeBuilder], parts: DraftParts) -> Generator[None, None, None]:
+    """One more level of each builder that has one to grow, in a single draft step (one
+    weight read for all their frontiers) run through `parts` (see Drafter.step_parts), a part
+    per next(): the next level of a builder short of its depth, else a level past it where
+    it can_deepen (its depth grows once the level is drafted). Abandoned before its end, it
+    leaves every builder as it was."""
+    growing = [b for b in builders if not b.done or b.can_deepen]
+    inputs = [b.level_inputs() for b in growing]  # (tokens, positions, slots, mask, kv_len) each
+    kv_len = max(i[4] for i in inputs)
+    masks = [F.pad(i[3], (0, kv_len - i[4])) for i in inputs]  # [f_b, kv_len] each
+    logits = yield from parts(
+        *(torch.cat([i[j] for i in inputs]) for j in range(3)), torch.cat(masks), kv_len
+    )  # [sum f_b, V]
+    row = 0
+    for b, (tokens, *_) in zip(growing, inputs, strict=True):
+        deepen = b.done
+        b.add_level(logits[row : row + tokens.numel()])
+        row += tokens.numel()
+        b.depth += deepen
 
 
 def build_tree(
