@@ -48,7 +48,6 @@ class Lookahead:
         self.paths = [drafted.ancestors[leaf].nonzero().flatten() for leaf in self.leaves]
         self.builders: list[TreeBuilder] = []  # one per guess, once the leaves are re-fed
         self.guesses: list[int] = []  # the bonus token guessed after each leaf
-        self.rows = len(self.leaves) * shape.width  # a level's draft step: rows at full width
         self._level: Generator | None = None  # the level being drafted, part by part
         self.work_s, self.parts = 0.0, 0  # every part run
         self.level_s, self.steps = 0.0, 0  # the levels completed (the guesses' step included)
@@ -78,6 +77,11 @@ class Lookahead:
             self.level_s += self._level_s
             self._level_s = 0.0
         return True
+
+    @property
+    def rows(self) -> int:
+        """Rows of a draft step drafting the trees ahead, at full width: every guess's frontier."""
+        return len(self.leaves) * self.shape.width
 
     def _can_grow(self) -> bool:
         return any(not b.done or b.can_deepen for b in self.builders)
