@@ -57,7 +57,7 @@ class Lookahead:
         """Draft one part of the next trees (the first level guesses their roots) if the wait
         is expected to last MIN_FILL of a part; False when it drafted nothing (also once the
         trees are complete and as deep as they may grow)."""
-        if self._level is None and self.builders and not self._can_grow():
+        if self._level is None and self.builders and not any(b.can_grow for b in self.builders):
             return False
         if self.parts and expected_wait_s < MIN_FILL * self.work_s / self.parts:
             return False
@@ -82,9 +82,6 @@ class Lookahead:
     def rows(self) -> int:
         """Rows of a draft step drafting the trees ahead, at full width: every guess's frontier."""
         return len(self.leaves) * self.shape.width
-
-    def _can_grow(self) -> bool:
-        return any(not b.done or b.can_deepen for b in self.builders)
 
     def _grow(self) -> Generator:
         return grow_together(self.builders, self.drafter.step_parts)

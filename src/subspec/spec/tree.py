@@ -106,6 +106,11 @@ class TreeBuilder:
     def can_deepen(self) -> bool:
         return self.depth < self.room
 
+    @property
+    def can_grow(self) -> bool:
+        """A level is left to draft: short of its depth, or able to deepen past it."""
+        return not self.done or self.can_deepen
+
     def rebase(self, base: int) -> None:
         """The nodes drafted so far now sit at `base + j` (and so does their position 0):
         the context becomes every slot before it."""
@@ -160,18 +165,19 @@ def grow_together(builders: list[TreeBuilder], parts: DraftParts) -> Generator[N
     per next(): the next level of a builder short of its depth, else a level past it where
     it can_deepen (its depth grows once the level is drafted). Abandoned before its end, it
     leaves every builder as it was."""
-    growing = [b for b in builders if not b.done or b.can_deepen]
-    inputs = [b.level_inputs() for b in growing]  # (tokens, positions, slots, mask, kv_len) each
-    kv_len = max(i[4] for i in inputs)
-    masks = [F.pad(i[3], (0, kv_len - i[4])) for i in inputs]  # [f_b, kv_len] each
+    growing = [b for b in builders if b.can_grow]
+    inputs = [b.level_inputs() for b in growing]
+    tokens, positions, slots, masks, kv_lens = zip(*inputs, strict=True)
+    kv_len = max(kv_lens)
+    padded = [F.pad(m, (0, kv_len - m.shape[1])) for m in masks]  # [frontier, kv_len] each
     logits = yield from parts(
-        *(torch.cat([i[j] for i in inputs]) for j in range(3)), torch.cat(masks), kv_len
-    )  # [sum f_b, V]
+        torch.cat(tokens), torch.cat(positions), torch.cat(slots), torch.cat(padded), kv_len
+    )  # [sum of the frontiers, V]
     row = 0
-    for b, (tokens, *_) in zip(growing, inputs, strict=True):
+    for b, frontier in zip(growing, tokens, strict=True):
         deepen = b.done
-        b.add_level(logits[row : row + tokens.numel()])
-        row += tokens.numel()
+        b.add_level(logits[row : row + frontier.numel()])
+        row += frontier.numel()
         b.depth += deepen
 
 
