@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,7 +28,14 @@ from subspec.offload.layer_file import (
     write_layer_file,
 )
 from subspec.offload.prefetch import Prefetcher
-from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore, aligned_empty
+from subspec.offload.stores import (
+    HUGE_PAGE,
+    DiskStore,
+    PinnedHostStore,
+    SlowStore,
+    aligned_empty,
+    read_buffer,
+)
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.runtime.weights import ensure_head_files, head_chunk_rows
 from subspec.spec.decoding import prefill
@@ -111,6 +119,40 @@ def test_aligned_empty(nbytes, alignment):
     t = aligned_empty(nbytes, alignment)
     assert t.dtype == torch.uint8 and t.numel() == nbytes
     assert t.data_ptr() % alignment == 0
+
+
+@pytest.mark.parametrize("nbytes", [1, 4096, 5 * HUGE_PAGE + 123])
+def test_read_buffer_is_zeroed_and_aligned_to_huge_pages(nbytes):
+    t = read_buffer(nbytes)
+    assert t.dtype == torch.uint8 and t.numel() == nbytes and not t.any()
+    assert t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(7)  # writable
+    assert int(t[-1]) == 7
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.exists() else ""
+    return next((m for m in ("always", "madvise") if f"[{m}]" in text), None)
+
+
+def _huge_page_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        field = line.split()[0]
+        if not field.endswith(":"):  # a mapping's header: "lo-hi perms offset dev inode path"
+            lo, hi = (int(x, 16) for x in field.split("-"))
+            inside = lo <= address < hi
+        elif inside and field == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() is None, reason="no transparent huge pages on this kernel")
+def test_read_buffer_gets_huge_pages():
+    t = read_buffer(8 * HUGE_PAGE).fill_(1)  # touched: the pages are allocated now
+    assert _huge_page_kb(t.data_ptr()) > 0
 
 
 def read_unit(store: SlowStore, unit: int) -> dict[str, torch.Tensor]:

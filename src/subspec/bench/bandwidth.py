@@ -17,8 +17,8 @@ from subspec.offload.stores import (
     DiskStore,
     PinnedHostStore,
     SlowStore,
-    aligned_empty,
     drop_page_cache,
+    read_buffer,
 )
 
 
@@ -96,7 +96,7 @@ def _measure(store: DiskStore, nbytes: int, threads: int) -> float:
     units = list(store.manifests)
     counter = _UnitCounter(units, store, nbytes)
     size = max(store.nbytes(u) for u in units)
-    buffers = [aligned_empty(size).fill_(0) for _ in range(threads)]  # touched: no page faults
+    buffers = [read_buffer(size).fill_(0) for _ in range(threads)]  # touched: no page faults
     start = time.perf_counter()
     _run_threads([lambda b=b: _read_loop(store, counter, b) for b in buffers])
     return counter.done_bytes / (time.perf_counter() - start)

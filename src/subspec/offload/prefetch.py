@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from subspec.errors import SubspecError
-from subspec.offload.stores import SlowStore, aligned_empty
+from subspec.offload.stores import SlowStore, read_buffer
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Prefetcher:
 
     def _allocate(self, size: int) -> list[torch.Tensor]:
         if self.device.type == "cpu":
-            return [aligned_empty(size) for _ in range(self.n_buffers)]
+            return [read_buffer(size) for _ in range(self.n_buffers)]
         return [
             torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(self.n_buffers)
         ]

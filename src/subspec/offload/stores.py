@@ -9,6 +9,7 @@ copies them to a CUDA device asynchronously.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -37,6 +38,25 @@ def aligned_empty(nbytes: int, alignment: int = ALIGN) -> torch.Tensor:
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
     shift = -raw.data_ptr() % alignment
     return raw[shift : shift + nbytes]  # the view keeps ``raw`` alive
+
+
+HUGE_PAGE = 2 << 20
+
+
+def read_buffer(nbytes: int) -> torch.Tensor:
+    """A zeroed CPU uint8 tensor [nbytes] to read units into: 2 MiB-aligned, in fresh memory
+    advised for transparent huge pages where the kernel offers them (THP "madvise" or "always";
+    else plain pages). An O_DIRECT read maps its destination page by page: on the Zen 4 VM,
+    the 1.5B's layers read alone into 4 KiB pages at 0.91-0.96 GB/s, into huge pages at
+    2.33-2.47 GB/s; vanilla decoding at a 1.78 GB budget went from 1.09-1.17 to 1.18-1.46
+    tok/s, and draft steps beside the reads slowed less (4 rows: +0-4 ms against +10-20)."""
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # (shared memory has its own THP setting)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private)  # page-aligned, untouched
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
+        region.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` mapped
+    shift = -raw.data_ptr() % HUGE_PAGE
+    return raw[shift : shift + nbytes]
 
 
 class SlowStore:
