@@ -49,7 +49,7 @@ def read_buffer(nbytes: int) -> torch.Tensor:
     else plain pages). An O_DIRECT read maps its destination page by page: on the Zen 4 VM,
     the 1.5B's layers read alone into 4 KiB pages at 0.91-0.96 GB/s, into huge pages at
     2.33-2.47 GB/s; vanilla decoding at a 1.78 GB budget went from 1.09-1.17 to 1.18-1.46
-    tok/s, and draft steps beside the reads slowed less (4 rows: +0-4 ms against +10-20)."""
+    tok/s, and 4-row draft steps beside the reads took -2 to +1 ms more (against +10 to +20)."""
     private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # (shared memory has its own THP setting)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private)  # page-aligned, untouched
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
