@@ -274,57 +274,91 @@ static float exp_shifted(float *v, int64_t n, float shift) {
     return f_sum(sum);
 }
 
-// q[D] . k[D] (k bf16)
-static float dot_bf16(const float *q, const uint16_t *k, int64_t d) {
+// The grouped-query attention of one token: the `g` query heads that share one kv head, each
+// over the keys `mask` keeps (bf16 rows [S, D] of that head). Per key, its row is widened once
+// and serves all g queries, and so is each value row: ungrouped, the widening cost as much as
+// the products.
+enum { QUERY_BLOCK = 4 };  // queries per pass over the values
+
+static inline int64_t clamp16(int64_t n) { return n < 0 ? 0 : n < 16 ? n : 16; }
+
+// q[D] . k[D], both fp32
+static float dot_f32(const float *q, const float *k, int64_t d) {
     f16 acc = f_zero();
     for (int64_t i = 0; i < d; i += 16) {
         const int64_t live = upto16(d - i);
-        acc = f_fma(f_load_n(q + i, live), f_bf16_n(k + i, live), acc);
+        acc = f_fma(f_load_n(q + i, live), f_load_n(k + i, live), acc);
     }
     return f_sum(acc);
 }
 
-// out[d0 .. d0 + 16 nv) = scale * sum of p[s] v[s, d0 ..] over the keys `mask` keeps (v: bf16
-// rows [S, D]). The nv vectors of the output stay in registers across the keys: read and
-// written back per key, they had cost as much as the products. `nv` is a constant after
+// out[i][d0 .. d0 + 64) = scale[i] * sum over kept keys s of p[i][s] v[s, d0 ..], for the nq
+// queries i; the 4 nq accumulators stay in registers across the keys. `nq` is a constant after
 // inlining.
 static inline __attribute__((always_inline)) void weigh_values(
-    const float *p, const uint16_t *values, const uint8_t *mask, int64_t kv_len, int64_t d,
-    int64_t d0, float scale, float *out, const int nv) {
-    f16 acc[4];
-    for (int c = 0; c < nv; c++) acc[c] = f_zero();
+    const float *p, int64_t p_stride, const uint16_t *values, const uint8_t *mask,
+    int64_t kv_len, int64_t d, int64_t d0, const float *scale, float *out, int64_t out_stride,
+    const int nq) {
+    f16 acc[QUERY_BLOCK][4];
+    int64_t live[4];
+    for (int c = 0; c < 4; c++) live[c] = clamp16(d - d0 - 16 * c);
+    for (int i = 0; i < nq; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = f_zero();
     for (int64_t s = 0; s < kv_len; s++) {
         if (mask && !mask[s]) continue;
-        const f16 ps = f_set(p[s]);
         const uint16_t *v = values + s * d + d0;
-        for (int c = 0; c < nv; c++)
-            acc[c] = f_fma(ps, f_bf16_n(v + 16 * c, upto16(d - d0 - 16 * c)), acc[c]);
+        f16 row[4];
+        for (int c = 0; c < 4; c++) row[c] = f_bf16_n(v + 16 * c, live[c]);
+        for (int i = 0; i < nq; i++) {
+            const f16 ps = f_set(p[i * p_stride + s]);
+            for (int c = 0; c < 4; c++) acc[i][c] = f_fma(ps, row[c], acc[i][c]);
+        }
     }
-    for (int c = 0; c < nv; c++)
-        f_store_n(out + d0 + 16 * c, f_mul(acc[c], f_set(scale)), upto16(d - d0 - 16 * c));
+    for (int i = 0; i < nq; i++)
+        for (int c = 0; c < 4; c++)
+            f_store_n(out + i * out_stride + d0 + 16 * c, f_mul(acc[i][c], f_set(scale[i])),
+                      live[c]);
 }
 
-// out[D] = softmax over the keys `mask` keeps of q . k_s / sqrt(D), applied to v; keys and
-// values are bf16 rows [S, D] of one kv head; `scores` holds kv_len floats of scratch.
-static void attend(const float *q, const uint16_t *keys, const uint16_t *values, const uint8_t *mask,
-                   int64_t kv_len, int64_t d, float *scores, float *out) {
+// out[i][D] (rows out_stride apart) for the g query rows q[i][D] (d apart): softmax over the
+// kept keys of q_i . k_s / sqrt(D), applied to v. scores: g rows of kv_len floats of scratch.
+static void attend_group(const float *q, int64_t g, const uint16_t *keys, const uint16_t *values,
+                         const uint8_t *mask, int64_t kv_len, int64_t d, float *scores,
+                         float *out, int64_t out_stride) {
     const float scale = 1.0f / sqrtf((float)d);
-    float top = -INFINITY;
+    float key[d], top[g], scale_out[g];  // d, g: a head and a group, a few hundred bytes
+    for (int64_t i = 0; i < g; i++) top[i] = -INFINITY;
     for (int64_t s = 0; s < kv_len; s++) {
-        scores[s] = mask && !mask[s] ? -INFINITY : dot_bf16(q, keys + s * d, d) * scale;
-        top = fmaxf(top, scores[s]);
+        if (mask && !mask[s]) {
+            for (int64_t i = 0; i < g; i++) scores[i * kv_len + s] = -INFINITY;
+            continue;
+        }
+        for (int64_t i = 0; i < d; i += 16)
+            f_store_n(key + i, f_bf16_n(keys + s * d + i, upto16(d - i)), upto16(d - i));
+        for (int64_t i = 0; i < g; i++) {
+            const float x = dot_f32(q + i * d, key, d) * scale;
+            scores[i * kv_len + s] = x;
+            top[i] = fmaxf(top[i], x);
+        }
     }
-    if (top == -INFINITY) {  // nothing to attend to
-        for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
-        return;
+    for (int64_t i = 0; i < g; i++) {
+        if (top[i] == -INFINITY) {  // nothing to attend to: zeros (a kept key has a finite score)
+            for (int64_t s = 0; s < kv_len; s++) scores[i * kv_len + s] = 0.0f;
+            scale_out[i] = 0.0f;
+        } else {
+            scale_out[i] = 1.0f / exp_shifted(scores + i * kv_len, kv_len, top[i]);
+        }
     }
-    const float scale_out = 1.0f / exp_shifted(scores, kv_len, top);
-    for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 4 vectors of the output at a time
-        switch ((d - d0 + 15) / 16) {
-            case 1: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 1); break;
-            case 2: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 2); break;
-            case 3: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 3); break;
-            default: weigh_values(scores, values, mask, kv_len, d, d0, scale_out, out, 4); break;
+    for (int64_t i0 = 0; i0 < g; i0 += QUERY_BLOCK) {
+        const float *p = scores + i0 * kv_len;
+        float *o = out + i0 * out_stride;
+        for (int64_t d0 = 0; d0 < d; d0 += 64) {
+            switch (g - i0) {
+                case 1: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 1); break;
+                case 2: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 2); break;
+                case 3: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 3); break;
+                default: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 4); break;
+            }
         }
     }
 }
@@ -349,7 +383,8 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
                         int64_t kv_len, int threads) {
     const int64_t h = L->hidden, hq = L->heads, hkv = L->kv_heads, d = L->head_dim;
     const int64_t width = (hq + 2 * hkv) * d, ffn = L->gate_up.n / 2;
-    if (t < 1 || kv_len > capacity || L->qkv.n != width || L->o.k != hq * d || L->down.k != ffn)
+    if (t < 1 || kv_len > capacity || L->qkv.n != width || L->o.k != hq * d || L->down.k != ffn ||
+        hq % hkv)
         return -1;
     const int64_t floats = t * (3 * h + width + hq * d + 3 * ffn) + t * hq * kv_len;
     float *scratch = malloc(sizeof(float) * (size_t)floats);
@@ -379,12 +414,13 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
         }
     }
     if (rc == 0) {
+        const int64_t g = hq / hkv;  // query heads per kv head
 #pragma omp parallel for num_threads(threads) schedule(static) if (t * hq * kv_len > 4096)
-        for (int64_t p = 0; p < t * hq; p++) {
-            const int64_t r = p / hq, head = p % hq, kvh = head / (hq / hkv);
-            attend(qkv + r * width + head * d, k_cache + kvh * capacity * d,
-                   v_cache + kvh * capacity * d, mask ? mask + r * kv_len : NULL, kv_len, d,
-                   scores + p * kv_len, att + (r * hq + head) * d);
+        for (int64_t p = 0; p < t * hkv; p++) {
+            const int64_t r = p / hkv, kvh = p % hkv, head = kvh * g;
+            attend_group(qkv + r * width + head * d, g, k_cache + kvh * capacity * d,
+                         v_cache + kvh * capacity * d, mask ? mask + r * kv_len : NULL, kv_len,
+                         d, scores + (r * hq + head) * kv_len, att + (r * hq + head) * d, d);
         }
         rc |= linear_f32(&L->o, L->group, att, proj, t, threads);
     }
