@@ -1,6 +1,7 @@
 """`subspec bench` on a tiny model: the JSON report has the promised shape (no timing asserts)."""
 
 import json
+import statistics
 
 import pytest
 
@@ -26,6 +27,11 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
     ]  # fmt: skip
     assert set(report["bound"]) >= {"disk_read_bytes_per_s", "streamed_bytes_per_token",
                                     "tokens_per_s", "memory_read_bytes_per_s"}  # fmt: skip
+    # the memory probe samples at the start and after each prompt of vanilla and both subspec
+    # runs (classic fails to load; hf runs outside the runtime); the bound is their median
+    samples = report["bound"]["memory_read_samples"]
+    assert len(samples) == 1 + 3 * 2 and all(s > 0 for s in samples)
+    assert report["bound"]["memory_read_bytes_per_s"] == statistics.median(samples)
     results = report["results"]
     for method in ("vanilla", "subspec", "hf"):
         r = results[method]

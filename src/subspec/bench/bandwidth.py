@@ -1,9 +1,10 @@
 """Bandwidths this machine's run is bound by: cold disk reads of real layer files (CPU), or
-copies of pinned host units to the GPU (CUDA)."""
+copies of pinned host units to the GPU (CUDA), and DRAM reads (a draft step's bound)."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -162,3 +163,20 @@ def measure_memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
         buffer.sum()
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+class MemoryProbe:
+    """DRAM read bandwidth sampled through a run, between its generations. On a shared VM it
+    swings from one second to the next (on the Zen 4 VM, 20 probes 1.5 s apart: 29-34 GB/s
+    and now and then 51), so one probe tells its moment more than the run's; the bound is the
+    median of the samples."""
+
+    def __init__(self):
+        self.samples: list[float] = []  # bytes/s, in the order taken
+
+    def sample(self) -> None:
+        self.samples.append(measure_memory_bandwidth())
+
+    @property
+    def bytes_per_s(self) -> float:
+        return statistics.median(self.samples)

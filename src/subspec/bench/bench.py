@@ -31,11 +31,11 @@ def run_bench(args) -> dict:
     plots with --plot DIR)."""
     methods = _methods(args.methods)
     prompts = _prompts(args)
-    memory_bw = _memory_bandwidth()
+    probe = _memory_probe()
     results, bound, prompt_ids = {}, None, None
     for method in methods:
         try:
-            results[method], prompt_ids, b = _run_method(args, method, prompts, prompt_ids)
+            results[method], prompt_ids, b = _run_method(args, method, prompts, prompt_ids, probe)
         except SubspecError as e:
             if method == "vanilla":
                 raise
@@ -43,8 +43,10 @@ def run_bench(args) -> dict:
             results[method] = {"error": str(e)}
         bound = bound or b
         gc.collect()
+    memory_bw = probe.bytes_per_s
     if bound is not None:
         bound["memory_read_bytes_per_s"] = memory_bw
+        bound["memory_read_samples"] = probe.samples
     report.compare(results, bound, memory_bw)
     out = {"config": _config(args, methods, prompts), "bound": bound, "results": results}
     report.print_table(out)
@@ -98,20 +100,23 @@ def _with_variant(args, method: str) -> tuple[argparse.Namespace, str]:
     return argparse.Namespace(**{**vars(args), **overrides}), base
 
 
-def _memory_bandwidth() -> float:
-    from subspec.bench.bandwidth import measure_memory_bandwidth
+def _memory_probe():
+    """A MemoryProbe with its first sample taken."""
+    from subspec.bench.bandwidth import MemoryProbe
 
-    return measure_memory_bandwidth()
+    probe = MemoryProbe()
+    probe.sample()
+    return probe
 
 
-def _run_method(args, method, prompts, prompt_ids):
+def _run_method(args, method, prompts, prompt_ids, probe):
     """(result, the prompts' token ids, the slow-tier bound if this run measured it)."""
     margs, base = _with_variant(args, method)
     if base == "hf":
         return _run_hf(margs, prompt_ids), prompt_ids, None
     with _runtime(margs, base, method) as runtime:
         prompt_ids = [_encode(runtime, p) for p in prompts]
-        result = _run_runtime(runtime, base, method, prompt_ids, args.max_new_tokens)
+        result = _run_runtime(runtime, base, method, prompt_ids, args.max_new_tokens, probe)
         bound = report.bound(runtime, result) if method == "vanilla" else None
     return result, prompt_ids, bound
 
@@ -139,7 +144,8 @@ def _encode(runtime, prompt: str) -> list[int]:
     return runtime.encode_prompt(prompt, chat=bool(runtime.tokenizer.chat_template))
 
 
-def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int) -> dict:
+def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int, probe) -> dict:
+    """The method's outputs and stats over the prompts; the memory probe samples after each."""
     outputs, per_prompt = [], []
     for ids in prompt_ids:
         tokens, stats = [], None
@@ -150,6 +156,7 @@ def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int) -> di
         per_prompt.append(stats)
         print(f"[{label}] {stats.new_tokens} tokens, "
               f"{stats.decode_tokens_per_s:.2f} tok/s", file=sys.stderr)  # fmt: skip
+        probe.sample()
     return report.aggregate(base, outputs, per_prompt, runtime)
 
 
