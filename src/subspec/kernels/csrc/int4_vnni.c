@@ -65,12 +65,6 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even (input
     return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 static void store_row(const Job *j, int64_t row, int64_t n0, f16 v) {
     if (j->bias) v = f_add(v, f_bf16(j->bias + n0));
     if (!j->y_bf16) {
@@ -114,8 +108,8 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
             const i16 hi = i_and(i_shr16(packed, 4), nibble);  // k 8c + 4 .. 8c + 7
             for (int i = 0; i < mm; i++) {
                 const int8_t *x = j->qx + (m0 + i) * j->k + b * BLOCK + c * 8;
-                low[i] = i_dpbusd(low[i], lo, i_set(load_i32(x)));
-                high[i] = i_dpbusd(high[i], hi, i_set(load_i32(x + 4)));
+                low[i] = i_dpbusd_x4(low[i], lo, x);
+                high[i] = i_dpbusd_x4(high[i], hi, x + 4);
             }
         }
         for (int i = 0; i < mm; i++) {

@@ -66,6 +66,13 @@ SIMD16 i16 i_and(i16 a, i16 b) { return _mm512_and_si512(a, b); }
 SIMD16 i16 i_shl(i16 a, int s) { return _mm512_slli_epi32(a, s); }    // 32-bit lanes
 SIMD16 i16 i_shr16(i16 a, int s) { return _mm512_srli_epi16(a, s); }  // 16-bit lanes
 SIMD16 i16 i_dpbusd(i16 acc, i16 u8, i16 s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+// i_dpbusd(acc, u8, i_set(4 bytes at x)) with the broadcast folded into the instruction (gcc
+// 12 emits a separate vpbroadcastd): on the Zen 4 VM, 2 / 4 rows in L2 went 39 / 27 -> 43 / 27
+// GB/s; from DRAM, no change
+SIMD16 i16 i_dpbusd_x4(i16 acc, i16 u8, const int8_t *x) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const int32_t *)x));
+    return acc;
+}
 SIMD16 f16 i_to_f(i16 a) { return _mm512_cvtepi32_ps(a); }
 SIMD16 f16 i_as_f(i16 a) { return _mm512_castsi512_ps(a); }
 
@@ -185,6 +192,11 @@ SIMD16 __m256i dpbusd_8(__m256i acc, __m256i u8, __m256i s8) {
 }
 SIMD16 i16 i_dpbusd(i16 acc, i16 u8, i16 s8) {
     return I2(dpbusd_8(acc.lo, u8.lo, s8.lo), dpbusd_8(acc.hi, u8.hi, s8.hi));
+}
+SIMD16 i16 i_dpbusd_x4(i16 acc, i16 u8, const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return i_dpbusd(acc, u8, i_set(v));
 }
 SIMD16 f16 i_to_f(i16 a) { return F2(_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)); }
 SIMD16 f16 i_as_f(i16 a) { return F2(_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)); }
