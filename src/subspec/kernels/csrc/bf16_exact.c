@@ -111,6 +111,24 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
         DP_ROW(x[3], c30, c31, c32, c33);                                         \
     } while (0)
 
+// r[i] = _mm512_reduce_add_ps(v[i]) for 16 vectors at once, in the same order, bit for bit:
+// lanes l and l + 8, then l and l + 4, l and l + 2, l and l + 1 (additions commute exactly),
+// with the 16 vectors transposed as they are halved (45 shuffles and adds, not 16 x 8). Lane
+// 4 q + m of the result is the sum of v[4 m + q].
+static DP_TARGET __m512 reduce16_transposed(const __m512 v[16]) {
+    __m512 u[8], w[4], x[2];
+    for (int j = 0; j < 8; j++)  // lanes 0-7: v[2j]'s l + (l + 8); lanes 8-15: v[2j + 1]'s
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+    for (int j = 0; j < 4; j++)  // quarter q: v[4j + q]'s l + (l + 4)
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; j++)  // per quarter: w[2j]'s l + (l + 2), then w[2j + 1]'s
+        x[j] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
+}
+
 // dpbf16 tile: out[a][b] = x[a] . w[b] over k values, for MR rows of x and NR rows of W.
 // The accumulators are named variables: gcc keeps those in registers, not arrays of them.
 static DP_TARGET void dp_tile(const uint16_t *x[MR], const uint16_t *w[NR], int64_t k,
@@ -125,10 +143,32 @@ static DP_TARGET void dp_tile(const uint16_t *x[MR], const uint16_t *w[NR], int6
     }
     // the last chunk reads only the values that exist; the rest are zeros on both sides
     if (full < k) DP_CHUNK(full, ((__mmask32)1 << (k - full)) - 1);
-    const __m512 acc[MR][NR] = {
-        {c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
-    for (int a = 0; a < MR; a++)
-        for (int b = 0; b < NR; b++) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+    const __m512 by_column[16] = {c00, c10, c20, c30, c01, c11, c21, c31,
+                                  c02, c12, c22, c32, c03, c13, c23, c33};
+    _mm512_storeu_ps(&out[0][0], reduce16_transposed(by_column));  // lane 4 a + b: out[a][b]
+}
+
+// The same products for one row of x (the rows a tree leaves after its full tiles): each
+// output's chunks, products and reduction are those of dp_tile, so its bits are too.
+static DP_TARGET void dp_row_tile(const uint16_t *x, const uint16_t *w[NR], int64_t k,
+                                  float out[NR]) {
+    __m512 a0, a1, a2, a3;
+    a0 = a1 = a2 = a3 = _mm512_setzero_ps();
+    const int64_t full = k / 32 * 32;
+    for (int64_t c = 0; c < k; c += 32) {
+        const __mmask32 m = c < full ? ~(__mmask32)0 : ((__mmask32)1 << (k - full)) - 1;
+        if (c < full)
+            for (int b = 0; b < NR; b++) PREFETCH_L2(w[b] + c + NR * k);
+        const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[0] + c);
+        const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[1] + c);
+        const __m512bh w2 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[2] + c);
+        const __m512bh w3 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[3] + c);
+        DP_ROW(x, a0, a1, a2, a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
 }
 
 // Portable tile, the same shape of work in plain C (the compiler may vectorize over lanes):
@@ -157,16 +197,25 @@ static DP_TARGET void dp_tile_any(const Linear *j, const void *x[MR], const void
     dp_tile((const uint16_t **)x, (const uint16_t **)w, j->k, out);
 }
 
+static DP_TARGET void dp_row_tile_any(const Linear *j, const void *x, const void *w[NR],
+                                      float out[NR]) {
+    dp_row_tile(x, (const uint16_t **)w, j->k, out);
+}
+
 typedef void TileFn(const Linear *j, const void *x[MR], const void *w[NR], float out[MR][NR]);
+typedef void RowTileFn(const Linear *j, const void *x, const void *w[NR], float out[NR]);
 
 // Rows n0 .. n1 of W against every row of x, x passing over them MR rows at a time. Edge tiles
-// repeat their last row of x or W: computed like any other, not stored.
+// repeat their last row of x or W: computed like any other, not stored. With a `row_tile`
+// (or NULL), the last rows of x, when at most MR / 2, pass one by one instead (the same bits:
+// see dp_row_tile), so a 29-node tree costs 7 tiles and a row, not 8 tiles.
 // `nr` <= NR: the tile's rows of W (the fma path's tiles are MR x 3).
 static inline __attribute__((always_inline)) void block(const Linear *j, int64_t n0, int64_t n1,
                                                         int64_t x_bytes, TileFn tile,
-                                                        const int64_t nr) {
+                                                        RowTileFn row_tile, const int64_t nr) {
     const int64_t w_bytes = j->k * (j->w_bf16 ? 2 : 4);
     for (int64_t t0 = 0; t0 < j->t; t0 += MR) {
+        const int64_t rows = j->t - t0 < MR ? j->t - t0 : MR;
         const void *x[MR];
         for (int64_t a = 0; a < MR; a++)
             x[a] = (const char *)j->x + (t0 + a < j->t ? t0 + a : j->t - 1) * j->k * x_bytes;
@@ -175,8 +224,11 @@ static inline __attribute__((always_inline)) void block(const Linear *j, int64_t
             float out[MR][NR];
             for (int64_t b = 0; b < nr; b++)
                 w[b] = (const char *)j->w + (n + b < n1 ? n + b : n1 - 1) * w_bytes;
-            tile(j, x, w, out);
-            for (int64_t a = 0; a < MR && t0 + a < j->t; a++)
+            if (row_tile && rows <= MR / 2)
+                for (int64_t a = 0; a < rows; a++) row_tile(j, x[a], w, out[a]);
+            else
+                tile(j, x, w, out);
+            for (int64_t a = 0; a < rows; a++)
                 for (int64_t b = 0; b < nr && n + b < n1; b++) store(j, t0 + a, n + b, out[a][b]);
         }
     }
@@ -184,14 +236,14 @@ static inline __attribute__((always_inline)) void block(const Linear *j, int64_t
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void dp_block(const Linear *j,
                                                                            int64_t n0, int64_t n1) {
-    block(j, n0, n1, 2, dp_tile_any, NR);
+    block(j, n0, n1, 2, dp_tile_any, dp_row_tile_any, NR);
 }
 
 // The clones differ in instructions, not arithmetic: no FMA contraction, no reassociation.
 __attribute__((target_clones("avx512f", "avx2", "default"))) static void fp_block(const Linear *j,
                                                                                  int64_t n0,
                                                                                  int64_t n1) {
-    block(j, n0, n1, 4, fp_tile, NR);
+    block(j, n0, n1, 4, fp_tile, NULL, NR);
 }
 
 // ---- fma path (AVX2 + FMA) ----
@@ -266,7 +318,7 @@ static FMA_TARGET void fma_tile(const Linear *j, const void *x[MR], const void *
 }
 
 static FMA_TARGET void fma_block(const Linear *j, int64_t n0, int64_t n1) {
-    block(j, n0, n1, 4, fma_tile, FNR);
+    block(j, n0, n1, 4, fma_tile, NULL, FNR);
 }
 
 int subspec_exact_fma_supported(void) {
