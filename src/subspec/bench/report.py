@@ -204,12 +204,13 @@ def _split(r: dict) -> str:
 
 
 def _spread(b: dict) -> str:
-    """' (median of 11 probes through the run, 29.1-50.7 GB/s)', when there were several."""
+    """' (median of 11 probes through the run, 29.10 GB/s to 50.70 GB/s)', when there were
+    several."""
     samples = b.get("memory_read_samples") or []
     if len(samples) < 2:
         return ""
     low, high = (format_size(v) for v in (min(samples), max(samples)))
-    return f" (median of {len(samples)} probes through the run, {low}-{high}/s)"
+    return f" (median of {len(samples)} probes through the run, {low}/s to {high}/s)"
 
 
 def print_table(out: dict) -> None:
