@@ -96,10 +96,11 @@ def _save(model, tokenizer, path: Path) -> Path:
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _family_config(family: str, tokenizer) -> PretrainedConfig:
+def _family_config(family: str, tokenizer, shape: dict | None = None) -> PretrainedConfig:
     """transformers' own config of a tiny model of `family`, with the features that set the
-    family apart (and non-default RoPE theta and norm eps, so a value read wrongly shows)."""
-    common = {**_SHAPE, **_special_ids(tokenizer)}
+    family apart (and non-default RoPE theta and norm eps, so a value read wrongly shows);
+    `shape` overrides entries of _SHAPE."""
+    common = {**_SHAPE, **(shape or {}), **_special_ids(tokenizer)}
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "mistral":
@@ -132,12 +133,14 @@ def _perturb(model, seed: int) -> None:
                 t.copy_(1.0 + torch.randn(t.shape, generator=g) * 0.2)
 
 
-def write_tiny(family: str, path: Path, seed: int = 0, perturb: bool = True) -> Path:
+def write_tiny(family: str, path: Path, seed: int = 0, perturb: bool = True,
+               shape: dict | None = None) -> Path:  # fmt: skip
     """A random 3-layer float32 model of `family` (llama: tied embeddings; mistral: untied;
     qwen2: qkv bias, untied head; qwen3: q/k norms, head_dim 32) plus tokenizer at `path`;
-    `perturb`: random biases and norm weights instead of transformers' zeros and ones."""
+    `perturb`: random biases and norm weights instead of transformers' zeros and ones;
+    `shape`: other sizes than _SHAPE's."""
     tokenizer = build_tokenizer()
-    config = _family_config(family, tokenizer)
+    config = _family_config(family, tokenizer, shape)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
     if perturb:

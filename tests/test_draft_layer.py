@@ -28,9 +28,17 @@ def _draft_step(drafter, start: int):
     return logits, cache.k[:, :, slots].clone(), cache.v[:, :, slots].clone()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, qkv bias, q/k norms
-def test_fused_draft_layer_matches_torch_path(tmp_path, family):
-    path = write_tiny(family, tmp_path / family)
+# 6 query heads per kv head, as in Qwen2.5-1.5B: more than the kernel's block of 4 queries
+GROUPED = {"num_attention_heads": 12, "num_key_value_heads": 2, "hidden_size": 192}
+
+
+@pytest.mark.parametrize(
+    ("family", "shape"),
+    [("llama", None), ("qwen2", None), ("qwen3", None), ("qwen2", GROUPED)],
+    ids=["llama", "qwen2", "qwen3", "qwen2-6-per-kv-head"],
+)  # plain, qkv bias, q/k norms; and a wider group
+def test_fused_draft_layer_matches_torch_path(tmp_path, family, shape):
+    path = write_tiny(family, tmp_path / family, shape=shape)
     methods = ("vanilla", "subspec")
     budget = minimum_budget(path, methods, dtype="bfloat16")
     rt = make_runtime(path, methods, budget=budget, dtype="bfloat16")
