@@ -91,6 +91,30 @@ def test_every_kernel_path_is_row_invariant_and_thread_independent(path):
         torch.set_num_threads(threads)
 
 
+@needs_kernel
+@pytest.mark.parametrize("path", [exact.DPBF16, exact.FMA, exact.PORTABLE])
+def test_nan_bits_do_not_depend_on_the_rows(path):
+    """Where two NaNs meet in a sum, x86 keeps one by operand order: a row's NaN bits must not
+    depend on whether it ran in a full tile or alone (torch.equal cannot see this: NaN != NaN)."""
+    if path == exact.DPBF16 and not exact.has_dpbf16():
+        pytest.skip("no AVX512_BF16 here")
+    if path == exact.FMA and not exact.has_fma():
+        pytest.skip("no AVX2 + FMA here")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=gen).to(torch.bfloat16)  # [T, in]
+    x.view(torch.int16)[:, 0] = 0x7FC1  # a quiet NaN with a payload: NaN times anything
+    x[:, 2] = 0.0
+    w = torch.randn(4, 64, generator=gen).to(torch.bfloat16)  # [out, in]
+    w[:, 2] = float("inf")  # 0 x inf: the default NaN, in another lane than the payload's
+
+    def bits(a):
+        return exact._native_linear(a, w, None, torch.float32, path).view(torch.int32)
+
+    single = torch.cat([bits(x[i : i + 1]) for i in range(6)])
+    for n in range(1, 7):  # 4 rows: one tile; 5, 6: a tile and rows alone
+        assert torch.equal(bits(x[:n]), single[:n]), n
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_exact_linear_is_close_to_fp32_linear(with_bias, backend):
     x, w, b = _linear_case(300, 777, with_bias)

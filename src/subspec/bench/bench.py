@@ -15,12 +15,16 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from subspec.bench import report
 from subspec.config import METHODS, SamplingConfig
 from subspec.errors import SubspecError
 from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
+
+if TYPE_CHECKING:
+    from subspec.bench.bandwidth import MemoryProbe
 
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
 VARIANTS = "no-overlap, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN"
@@ -100,7 +104,7 @@ def _with_variant(args, method: str) -> tuple[argparse.Namespace, str]:
     return argparse.Namespace(**{**vars(args), **overrides}), base
 
 
-def _memory_probe():
+def _memory_probe() -> MemoryProbe:
     """A MemoryProbe with its first sample taken."""
     from subspec.bench.bandwidth import MemoryProbe
 
@@ -145,7 +149,9 @@ def _encode(runtime, prompt: str) -> list[int]:
 
 
 def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int, probe) -> dict:
-    """The method's outputs and stats over the prompts; the memory probe samples after each."""
+    """The method's outputs and stats over the prompts; the memory probe samples after each
+    (the prefetcher may still be finishing its ring's reads then, ~0.1 s, while the probe
+    fills its buffer, before it times anything)."""
     outputs, per_prompt = [], []
     for ids in prompt_ids:
         tokens, stats = [], None

@@ -6,15 +6,17 @@
 //   acc[16] = 0;  for each chunk c of K, in order: acc[l] += products of x[t] and W[n] in lane l
 //   y = tree_sum(acc) + b[n], rounded once to bf16 (or kept in fp32)
 // inside a single call of a register-tile kernel. Tiles of MR rows of x by NR rows of W only
-// share loads: each (t, n) keeps its own accumulator, and edge tiles repeat a row rather than
-// take another code path, so how T and N fall into tiles, cache blocks and threads (split over
-// N only, never over K) cannot change any result.
+// share loads: each (t, n) keeps its own accumulator; edge tiles repeat a row, and the dpbf16
+// path's last 1-2 rows of x run as single rows through the same chunks, products and
+// reduction (dp_row_tile), so how T and N fall into tiles, cache blocks and threads (split
+// over N only, never over K) cannot change any result.
 // Four arithmetic paths, each invariant on its own (they differ from each other); which one
 // runs is chosen by the CPU alone (exact.py), never by the shape of a call:
 // - amx (x and W bf16, CPU with AMX-BF16): chunks of 32 values, one tdpbf16ps each into the
 //   output's own fp32 element of a tile (the amx section below);
 // - dpbf16 (x and W bf16, CPU with AVX512_BF16): chunks of 32 values, one vdpbf16ps each (lane
-//   l sums the products of values 2l and 2l + 1), reduced by _mm512_reduce_add_ps;
+//   l sums the products of values 2l and 2l + 1), reduced in _mm512_reduce_add_ps's order
+//   (reduce16_transposed, 16 outputs at once);
 // - fma (CPU with AVX2 and FMA): x fp32, W bf16 or fp32, chunks of 8 values, lane l = fma(x, w,
 //   lane l) rounded once per step, a fixed pairwise tree at the end;
 // - portable (any x86-64): x fp32, W bf16 or fp32, chunks of 16 values, lane l += x * w rounded
@@ -149,7 +151,8 @@ static DP_TARGET void dp_tile(const uint16_t *x[MR], const uint16_t *w[NR], int6
 }
 
 // The same products for one row of x (the rows a tree leaves after its full tiles): each
-// output's chunks, products and reduction are those of dp_tile, so its bits are too.
+// output's chunks, products and reduction are those of dp_tile, so its bits are too, NaNs'
+// included.
 static DP_TARGET void dp_row_tile(const uint16_t *x, const uint16_t *w[NR], int64_t k,
                                   float out[NR]) {
     __m512 a0, a1, a2, a3;
@@ -165,10 +168,12 @@ static DP_TARGET void dp_row_tile(const uint16_t *x, const uint16_t *w[NR], int6
         const __m512bh w3 = (__m512bh)_mm512_maskz_loadu_epi16(m, w[3] + c);
         DP_ROW(x, a0, a1, a2, a3);
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
+    // the tile's reduction itself, so that even the operand order of each add is the same
+    // (it picks which of two NaNs survives): lanes 0-3 hold a0's .. a3's sums
+    const __m512 by_column[16] = {a0, a0, a0, a0, a1, a1, a1, a1, a2, a2, a2, a2, a3, a3, a3, a3};
+    float sums[16];
+    _mm512_storeu_ps(sums, reduce16_transposed(by_column));
+    for (int b = 0; b < NR; b++) out[b] = sums[b];
 }
 
 // Portable tile, the same shape of work in plain C (the compiler may vectorize over lanes):
@@ -206,9 +211,9 @@ typedef void TileFn(const Linear *j, const void *x[MR], const void *w[NR], float
 typedef void RowTileFn(const Linear *j, const void *x, const void *w[NR], float out[NR]);
 
 // Rows n0 .. n1 of W against every row of x, x passing over them MR rows at a time. Edge tiles
-// repeat their last row of x or W: computed like any other, not stored. With a `row_tile`
-// (or NULL), the last rows of x, when at most MR / 2, pass one by one instead (the same bits:
-// see dp_row_tile), so a 29-node tree costs 7 tiles and a row, not 8 tiles.
+// repeat their last row of x or W: computed like any other, not stored. When `row_tile` is not
+// NULL, the last rows of x, when at most MR / 2, pass one by one instead (the same bits: see
+// dp_row_tile), so a 29-node tree costs 7 tiles and a row, not 8 tiles.
 // `nr` <= NR: the tile's rows of W (the fma path's tiles are MR x 3).
 static inline __attribute__((always_inline)) void block(const Linear *j, int64_t n0, int64_t n1,
                                                         int64_t x_bytes, TileFn tile,

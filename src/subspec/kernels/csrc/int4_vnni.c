@@ -254,7 +254,7 @@ static inline f16 exp16(f16 x) {
     return f_keep_ge(f_scale2(p, n), x, -87.0f);
 }
 
-static inline int64_t upto16(int64_t n) { return n < 16 ? n : 16; }
+static inline int64_t upto16(int64_t n) { return n < 0 ? 0 : n < 16 ? n : 16; }  // 0 .. 16
 
 // In place: v[i] = e^(v[i] - shift) over n values; returns their sum.
 static float exp_shifted(float *v, int64_t n, float shift) {
@@ -268,15 +268,14 @@ static float exp_shifted(float *v, int64_t n, float shift) {
     return f_sum(sum);
 }
 
-#if defined(__AVX512F__)
+#if defined(SIMD16_AVX512)
 // The grouped-query attention of one token: the `g` query heads that share one kv head, each
-// over the keys `mask` keeps (bf16 rows [S, D] of that head). Each key and value row is widened
-// once and serves all g queries (ungrouped, the widening cost as much as the products), and
-// the scores are summed 16 keys at a time (one sum per key cost as much again). On the Zen 4
+// over the keys `mask` keeps (bf16 rows [S, D] of that head). Each key row is widened once for
+// all g queries, each value row once per QUERY_BLOCK of them (a head at a time, the widening
+// cost as much as the products), and the scores are summed 16 keys at a time (one sum per key
+// cost as much again). On the Zen 4
 // VM, 26 layers at 4 rows over 500 keys each, one thread: 7.8 ms a head at a time, 5.1 ms.
 enum { QUERY_BLOCK = 4 };  // queries per pass over the values
-
-static inline int64_t clamp16(int64_t n) { return n < 0 ? 0 : n < 16 ? n : 16; }
 
 // The largest of n values (-inf when all are; n >= 1).
 static float max_of(const float *v, int64_t n) {
@@ -314,15 +313,15 @@ static void score_block(const float *q, int64_t g, const uint16_t *keys, int64_t
 }
 
 // out[i][d0 .. d0 + 64) = scale[i] * sum over kept keys s of p[i][s] v[s, d0 ..], for the nq
-// queries i; the 4 nq accumulators stay in registers across the keys. `nq` is a constant after
-// inlining.
+// queries i; the 4 x nq accumulators stay in registers across the keys (past D, columns run
+// with no lanes in use). `nq` is a constant after inlining.
 static inline __attribute__((always_inline)) void weigh_values(
     const float *p, int64_t p_stride, const uint16_t *values, const uint8_t *mask,
     int64_t kv_len, int64_t d, int64_t d0, const float *scale, float *out, int64_t out_stride,
     const int nq) {
     f16 acc[QUERY_BLOCK][4];
     int64_t live[4];
-    for (int c = 0; c < 4; c++) live[c] = clamp16(d - d0 - 16 * c);
+    for (int c = 0; c < 4; c++) live[c] = upto16(d - d0 - 16 * c);
     for (int i = 0; i < nq; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = f_zero();
     for (int64_t s = 0; s < kv_len; s++) {
@@ -362,15 +361,17 @@ static void attend_group(const float *q, int64_t g, const uint16_t *keys, const 
         }
     }
     for (int64_t i0 = 0; i0 < g; i0 += QUERY_BLOCK) {
-        const float *p = scores + i0 * kv_len;
+        const float *p = scores + i0 * kv_len, *scale = scale_out + i0;
         float *o = out + i0 * out_stride;
         for (int64_t d0 = 0; d0 < d; d0 += 64) {
+#define WEIGH(nq) weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale, o, out_stride, nq)
             switch (g - i0) {
-                case 1: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 1); break;
-                case 2: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 2); break;
-                case 3: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 3); break;
-                default: weigh_values(p, kv_len, values, mask, kv_len, d, d0, scale_out + i0, o, out_stride, 4); break;
+                case 1: WEIGH(1); break;
+                case 2: WEIGH(2); break;
+                case 3: WEIGH(3); break;
+                default: WEIGH(4); break;
             }
+#undef WEIGH
         }
     }
 }
@@ -409,8 +410,9 @@ static inline __attribute__((always_inline)) void weigh_head_values(
 
 // out[D] = softmax over the keys `mask` keeps of q . k_s / sqrt(D), applied to v; keys and
 // values are bf16 rows [S, D] of one kv head; `scores` holds kv_len floats of scratch.
-static void attend_head(const float *q, const uint16_t *keys, const uint16_t *values, const uint8_t *mask,
-                   int64_t kv_len, int64_t d, float *scores, float *out) {
+static void attend_head(const float *q, const uint16_t *keys, const uint16_t *values,
+                        const uint8_t *mask, int64_t kv_len, int64_t d, float *scores,
+                        float *out) {
     const float scale = 1.0f / sqrtf((float)d);
     float top = -INFINITY;
     for (int64_t s = 0; s < kv_len; s++) {
@@ -423,12 +425,14 @@ static void attend_head(const float *q, const uint16_t *keys, const uint16_t *va
     }
     const float scale_out = 1.0f / exp_shifted(scores, kv_len, top);
     for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 4 vectors of the output at a time
+#define WEIGH(nv) weigh_head_values(scores, values, mask, kv_len, d, d0, scale_out, out, nv)
         switch ((d - d0 + 15) / 16) {
-            case 1: weigh_head_values(scores, values, mask, kv_len, d, d0, scale_out, out, 1); break;
-            case 2: weigh_head_values(scores, values, mask, kv_len, d, d0, scale_out, out, 2); break;
-            case 3: weigh_head_values(scores, values, mask, kv_len, d, d0, scale_out, out, 3); break;
-            default: weigh_head_values(scores, values, mask, kv_len, d, d0, scale_out, out, 4); break;
+            case 1: WEIGH(1); break;
+            case 2: WEIGH(2); break;
+            case 3: WEIGH(3); break;
+            default: WEIGH(4); break;
         }
+#undef WEIGH
     }
 }
 
@@ -464,7 +468,7 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
     const int64_t h = L->hidden, hq = L->heads, hkv = L->kv_heads, d = L->head_dim;
     const int64_t width = (hq + 2 * hkv) * d, ffn = L->gate_up.n / 2;
     if (t < 1 || kv_len > capacity || L->qkv.n != width || L->o.k != hq * d || L->down.k != ffn ||
-        hq % hkv)
+        hkv < 1 || hq % hkv)
         return -1;
     const int64_t floats = t * (3 * h + width + hq * d + 3 * ffn) + t * hq * kv_len;
     float *scratch = malloc(sizeof(float) * (size_t)floats);
@@ -494,11 +498,15 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
         }
     }
     if (rc == 0) {
-        const int64_t g = hq / hkv;  // query heads per kv head
+        // a task per (row, kv head), or per block of its query heads when that is too few
+        const int64_t g = hq / hkv, blocks = t * hkv < threads ? (g + 3) / 4 : 1;
+        const int64_t per = (g + blocks - 1) / blocks;  // query heads per task
 #pragma omp parallel for num_threads(threads) schedule(static) if (t * hq * kv_len > 4096)
-        for (int64_t p = 0; p < t * hkv; p++) {
-            const int64_t r = p / hkv, kvh = p % hkv, head = kvh * g;
-            attend_group(qkv + r * width + head * d, g, k_cache + kvh * capacity * d,
+        for (int64_t p = 0; p < t * hkv * blocks; p++) {
+            const int64_t r = p / (hkv * blocks), kvh = p / blocks % hkv, first = p % blocks * per;
+            const int64_t head = kvh * g + first, n = first + per < g ? per : g - first;
+            if (n < 1) continue;
+            attend_group(qkv + r * width + head * d, n, k_cache + kvh * capacity * d,
                          v_cache + kvh * capacity * d, mask ? mask + r * kv_len : NULL, kv_len,
                          d, scores + (r * hq + head) * kv_len, att + (r * hq + head) * d, d);
         }

@@ -4,7 +4,9 @@
 // the int16 limit). The kernel is compiled once per instruction set (native.py) from the same
 // source, so both builds do the same arithmetic in the same order.
 //
-//   f16: 16 floats      i16: 16 int32 lanes, or 64 bytes      n: lanes in use, 0 < n <= 16
+//   f16: 16 floats      i16: 16 int32 lanes, or 64 bytes      n: lanes in use, 0 <= n <= 16
+//
+// SIMD16_AVX512 is set in the AVX-512 build: code that needs its 32 registers tests it.
 
 #ifndef SUBSPEC_SIMD16_H
 #define SUBSPEC_SIMD16_H
@@ -16,6 +18,7 @@
 #define SIMD16 static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define SIMD16_AVX512 1
 
 typedef __m512 f16;
 typedef __m512i i16;
@@ -86,8 +89,9 @@ SIMD16 i16 i_dpbusd(i16 acc, i16 u8, i16 s8) { return _mm512_dpbusd_epi32(acc, u
 // i_dpbusd(acc, u8, i_set(4 bytes at x)) with the broadcast folded into the instruction (gcc
 // 12 emits a separate vpbroadcastd): on the Zen 4 VM, 2 / 4 rows in L2 went 39 / 27 -> 43 / 27
 // GB/s; from DRAM, no change
+typedef int32_t __attribute__((may_alias)) any_i32;  // 4 bytes of int8 values, read as one
 SIMD16 i16 i_dpbusd_x4(i16 acc, i16 u8, const int8_t *x) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const int32_t *)x));
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const any_i32 *)x));
     return acc;
 }
 SIMD16 f16 i_to_f(i16 a) { return _mm512_cvtepi32_ps(a); }
@@ -148,11 +152,6 @@ SIMD16 float f_sum(f16 a) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-SIMD16 f16 f_sums16(const f16 v[16]) {  // lane j: the sum of v[j]'s lanes
-    float sums[16];
-    for (int j = 0; j < 16; j++) sums[j] = f_sum(v[j]);
-    return F2(_mm256_loadu_ps(sums), _mm256_loadu_ps(sums + 8));
 }
 SIMD16 float f_top(f16 a) {
     __m256 s = _mm256_max_ps(a.lo, a.hi);
