@@ -333,14 +333,14 @@ def _rounds(chooser, accepted, rounds=4, depth=16, width=2, step_s=0.1, verify_s
 
 
 def test_shape_chooser_depth_follows_acceptance_and_costs():
-    from subspec.spec.shape import START_DEPTH, ShapeChooser
+    from subspec.spec.shape import DEEPEN_BY, START_DEPTH, ShapeChooser
 
     assert ShapeChooser(SpecConfig(depth=7, width=2)).shape().depth == 7
     chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
     assert chooser.shape().depth == START_DEPTH  # nothing measured yet
     _rounds(chooser, [16, 16])  # every round accepts its whole tree: deeper pays
     deep = chooser.shape().depth
-    assert deep > 16
+    assert 16 < deep <= 16 + DEEPEN_BY  # deeper, but not far past what was seen
     poor = ShapeChooser(SpecConfig(max_depth=32, width=2))
     for accepted in (0, 1, 0, 2):  # the draft is rarely right: shallow trees pay
         _rounds(poor, [accepted, accepted], rounds=1)
@@ -348,6 +348,22 @@ def test_shape_chooser_depth_follows_acceptance_and_costs():
     slow = ShapeChooser(SpecConfig(max_depth=32, width=2))
     _rounds(slow, [16, 16], step_s=1.0)  # the same acceptance, draft steps 10x dearer
     assert slow.shape().depth < deep
+
+
+def test_shape_chooser_counts_the_whole_pass():
+    """A pass that drafts ahead in its waits lasts as long as one that idles in them: the
+    chooser weighs depth against the pass's wall time, so a longer pass (the same target
+    compute) buys deeper trees."""
+    from subspec.spec.shape import ShapeChooser
+
+    depths = {}
+    for pass_s in (0.6, 2.0):
+        chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
+        for accepted in (16, 6, 11, 3, 16, 9):  # acceptance falls off gradually with depth
+            chooser.observe_steps(2, 16 * 0.05, 16)
+            chooser.observe_round(16, [accepted, accepted], 33, pass_s, pass_s - 0.4)
+        depths[pass_s] = chooser.shape().depth
+    assert depths[2.0] > depths[0.6], depths
 
 
 def test_shape_chooser_width_follows_acceptance_and_costs():

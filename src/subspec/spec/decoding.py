@@ -164,7 +164,7 @@ def speculative(
         if ahead:
             chooser.observe_steps(ahead.rows, ahead.level_s, ahead_steps)
         chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
-                              tree.size, verify_s, wait_s)  # fmt: skip
+                              tree.size, verify_s + overlap_s, wait_s + overlap_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)

@@ -7,15 +7,17 @@ at width k also tells what a narrower tree would have accepted: level by level t
 kept best first, so a narrower tree holds the accepted path up to its first node ranked k' or
 lower (`accepted_by_width`); a narrower round counts for a wider tree with its own
 acceptance, a lower bound. A round costs its draft steps in the open at width k (each width's
-mean step time, as measured) plus a verification pass: the pass's mean time while its
-compute, grown with the tree's size, stays hidden behind the transfers it waited for. The
+mean step time, as measured) plus a verification pass: the pass's mean wall time (drafting
+ahead in its waits included) while its compute, grown with the tree's size, stays hidden
+behind the transfers it waited for. The
 steps in the open are D, less those drafted ahead in the previous pass's waits when its guess
 came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and a
 guess being right then, as measured (the share of such rounds that found their next tree
 drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds, at
 the measured time of a step drafting ahead (all guesses' frontiers at once). The
 shape with the most tokens per second wins among those with no more nodes than the KV cache
-was sized for (spec.tree_size), re-chosen after every round; every EXPLORE_EVERY rounds the
+was sized for (spec.tree_size) and at most DEEPEN_BY levels deeper than any tree drafted so
+far, re-chosen after every round; every EXPLORE_EVERY rounds the
 widest tree runs once, so that every width's acceptance keeps being measured.
 """
 
@@ -32,6 +34,10 @@ START_DEPTH = 16  # before anything is measured (the CPU shape measured best, BE
 START_WIDTH = 2
 MAX_RATE = 0.98  # the per-depth acceptance rate an extrapolation may assume at most
 EXPLORE_EVERY = 8  # rounds between two rounds at the widest width, under width auto
+# the most levels a tree may go past the deepest one drafted so far: beyond it acceptance is
+# extrapolated, and a tree twice as deep as any seen cost a whole round of open drafting
+# (on the Zen 4 VM the chooser jumped from 16 to 32 levels after three rounds)
+DEEPEN_BY = 4
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class ShapeChooser:
         self.rounds: list[tuple[int, list[int]]] = []
         self.step_s: dict[int, float] = {}  # width -> draft seconds, in the open and ahead
         self.steps: dict[int, int] = {}  # width -> draft steps
-        self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, wait s)
+        self.verify: list[tuple[int, float, float]] = []  # (tree size, pass s, free s)
         # with overlap: rounds that accepted their whole tree, those of them whose next tree
         # was drafted ahead; passes drafting ahead, and their time free for it in all
         self.whole_rounds, self.whole_hits = 0, 0
@@ -75,11 +81,14 @@ class ShapeChooser:
         self.step_s[width] = self.step_s.get(width, 0.0) + seconds
         self.steps[width] = self.steps.get(width, 0) + steps
 
-    def observe_round(self, depth: int, accepted: list[int], tree_size: int, verify_s: float,
-                      wait_s: float) -> None:  # fmt: skip
-        """`accepted`: accepted lengths by width (accepted_by_width)."""
+    def observe_round(self, depth: int, accepted: list[int], tree_size: int, pass_s: float,
+                      free_s: float) -> None:  # fmt: skip
+        """`accepted`: accepted lengths by width (accepted_by_width); `pass_s`: the
+        verification pass's wall time, drafting ahead inside it included (the pass takes as
+        long whether its waits draft or idle); `free_s`: its time not spent on the target's
+        compute (waits for weights, drafting ahead included)."""
         self.rounds.append((depth, accepted))
-        self.verify.append((tree_size, verify_s, wait_s))
+        self.verify.append((tree_size, pass_s, free_s))
 
     def observe_lookahead(self, whole: bool, hit: bool, free_s: float,
                           rows: int | None = None) -> None:  # fmt: skip
@@ -100,7 +109,8 @@ class ShapeChooser:
                          self.fixed_width or START_WIDTH)  # fmt: skip
         if not self.fixed_width and len(self.rounds) % EXPLORE_EVERY == 2:
             widths = [self.max_width]  # (a shallower tree: the node count is capped)
-        depths = [self.fixed_depth] if self.fixed_depth else range(1, self.max_depth + 1)
+        deepest = min(self.max_depth, max(d for d, _ in self.rounds) + DEEPEN_BY)
+        depths = [self.fixed_depth] if self.fixed_depth else range(1, deepest + 1)
         best, best_rate = Shape(1, 1), -1.0
         pass_s = self._pass_model()
         for k in widths:
