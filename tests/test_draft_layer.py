@@ -64,6 +64,28 @@ def test_fused_draft_layer_matches_torch_path(tmp_path, family, shape):
     assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))
 
 
+def test_fused_draft_layer_does_not_depend_on_the_thread_count(tmp_path):
+    """With more threads than rows x kv heads, attention splits each group of query heads
+    into blocks: the same arithmetic per query, so the same bits as with two threads."""
+    path = write_tiny("qwen2", tmp_path / "m", shape=GROUPED)
+    methods = ("vanilla", "subspec")
+    rt = make_runtime(path, methods, budget=minimum_budget(path, methods, dtype="bfloat16"),
+                      dtype="bfloat16")  # fmt: skip
+    drafter = rt.drafters["subspec"]
+    prompt = rt.encode_prompt("the cat sat on the mat", chat=True)
+    prefill(rt.target, prompt, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _draft_step(drafter, len(prompt))
+        torch.set_num_threads(8)  # 3 rows x 2 kv heads < 8: the split path
+        eight = _draft_step(drafter, len(prompt))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(two, eight, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scaled_logsumexp_matches_torch(dtype):
     """Rows of a vocabulary-sized length that is no multiple of 16 (the scalar tail), one of
