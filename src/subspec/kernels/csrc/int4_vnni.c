@@ -269,12 +269,13 @@ static float exp_shifted(float *v, int64_t n, float shift) {
 }
 
 #if defined(SIMD16_AVX512)
-// The grouped-query attention of one token: the `g` query heads that share one kv head, each
-// over the keys `mask` keeps (bf16 rows [S, D] of that head). Each key row is widened once for
-// all g queries, each value row once per QUERY_BLOCK of them (a head at a time, the widening
-// cost as much as the products), and the scores are summed 16 keys at a time (one sum per key
-// cost as much again). On the Zen 4
-// VM, 26 layers at 4 rows over 500 keys each, one thread: 7.8 ms a head at a time, 5.1 ms.
+// The grouped-query attention of one token: `g` query heads that share one kv head (all of
+// them, or a block when the caller splits them over threads), each over the keys `mask` keeps
+// (bf16 rows [S, D] of that head). Each key row is widened once for the g queries, each value
+// row once per QUERY_BLOCK of them (a head at a time, the widening cost as much as the
+// products), and the scores are summed 16 keys at a time (one sum per key cost as much
+// again). On the Zen 4 VM, 26 layers at 4 rows over 500 keys each, one thread: 7.8 ms a head
+// at a time, 5.1 ms.
 enum { QUERY_BLOCK = 4 };  // queries per pass over the values
 
 // The largest of n values (-inf when all are; n >= 1).
