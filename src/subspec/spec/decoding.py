@@ -163,14 +163,15 @@ def speculative(
         chooser.observe_steps(builder.width, draft_s, open_steps)
         if ahead:
             chooser.observe_steps(ahead.rows, ahead.level_s, ahead_steps)
+        free_s = wait_s + overlap_s  # the pass's time not spent on the target's compute
         chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
-                              tree.size, verify_s + overlap_s, wait_s + overlap_s)  # fmt: skip
+                              tree.size, verify_s + overlap_s, free_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
         drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
         whole = verdict.accepted == builder.depth  # the tree accepted to its last level
         builder = ahead.take(drafted_path.tolist(), verdict.bonus) if ahead else None
         if ahead:
-            chooser.observe_lookahead(whole, builder is not None, wait_s + overlap_s, ahead.rows)
+            chooser.observe_lookahead(whole, builder is not None, free_s, ahead.rows)
         pending = verdict.bonus
         yield verdict.tokens

@@ -9,15 +9,14 @@ lower (`accepted_by_width`); a narrower round counts for a wider tree with its o
 acceptance, a lower bound. A round costs its draft steps in the open at width k (each width's
 mean step time, as measured) plus a verification pass: the pass's mean wall time (drafting
 ahead in its waits included) while its compute, grown with the tree's size, stays hidden
-behind the transfers it waited for. The
-steps in the open are D, less those drafted ahead in the previous pass's waits when its guess
-came true (spec/lookahead.py): that takes a round accepting its whole tree, S_k(D), and a
-guess being right then, as measured (the share of such rounds that found their next tree
-drafted ahead); a pass drafts ahead as many levels as its free time (its waits) holds, at
-the measured time of a step drafting ahead (all guesses' frontiers at once). The
-shape with the most tokens per second wins among those with no more nodes than the KV cache
-was sized for (spec.tree_size) and at most DEEPEN_BY levels deeper than any tree drafted so
-far, re-chosen after every round; every EXPLORE_EVERY rounds the
+behind the transfers it waited for. The steps in the open are D, less those drafted ahead in
+the previous pass's waits when its guess came true (spec/lookahead.py): that takes a round
+accepting its whole tree, S_k(D), and a guess being right then, as measured (the share of
+such rounds that found their next tree drafted ahead); a pass drafts ahead as many levels as
+its free time (its waits) holds, at the measured time of a step drafting ahead (all guesses'
+frontiers at once). The shape with the most tokens per second wins among those with no more
+nodes than the KV cache was sized for (spec.tree_size) and at most DEEPEN_BY levels deeper
+than any tree drafted so far, re-chosen after every round; every EXPLORE_EVERY rounds the
 widest tree runs once, so that every width's acceptance keeps being measured.
 """
 

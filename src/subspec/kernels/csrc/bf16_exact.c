@@ -38,6 +38,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "sum16.h"
+
 #define LANES 16
 #define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline
 enum { MR = 4, NR = 4 };  // register tile: rows of x by rows of W
@@ -112,24 +114,6 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
         DP_ROW(x[2], c20, c21, c22, c23);                                         \
         DP_ROW(x[3], c30, c31, c32, c33);                                         \
     } while (0)
-
-// r[i] = _mm512_reduce_add_ps(v[i]) for 16 vectors at once, in the same order, bit for bit:
-// lanes l and l + 8, then l and l + 4, l and l + 2, l and l + 1 (additions commute exactly),
-// with the 16 vectors transposed as they are halved (45 shuffles and adds, not 16 x 8). Lane
-// 4 q + m of the result is the sum of v[4 m + q].
-static DP_TARGET __m512 reduce16_transposed(const __m512 v[16]) {
-    __m512 u[8], w[4], x[2];
-    for (int j = 0; j < 8; j++)  // lanes 0-7: v[2j]'s l + (l + 8); lanes 8-15: v[2j + 1]'s
-        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
-    for (int j = 0; j < 4; j++)  // quarter q: v[4j + q]'s l + (l + 4)
-        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
-    for (int j = 0; j < 2; j++)  // per quarter: w[2j]'s l + (l + 2), then w[2j + 1]'s
-        x[j] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0x44),
-                             _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
-}
 
 // dpbf16 tile: out[a][b] = x[a] . w[b] over k values, for MR rows of x and NR rows of W.
 // The accumulators are named variables: gcc keeps those in registers, not arrays of them.

@@ -256,6 +256,8 @@ static inline f16 exp16(f16 x) {
 
 static inline int64_t upto16(int64_t n) { return n < 0 ? 0 : n < 16 ? n : 16; }  // 0 .. 16
 
+enum { QUERY_BLOCK = 4 };  // query heads per pass over the values; at most per attention task
+
 // In place: v[i] = e^(v[i] - shift) over n values; returns their sum.
 static float exp_shifted(float *v, int64_t n, float shift) {
     f16 sum = f_zero();
@@ -276,7 +278,6 @@ static float exp_shifted(float *v, int64_t n, float shift) {
 // products), and the scores are summed 16 keys at a time (one sum per key cost as much
 // again). On the Zen 4 VM, 26 layers at 4 rows over 500 keys each, one thread: 7.8 ms a head
 // at a time, 5.1 ms.
-enum { QUERY_BLOCK = 4 };  // queries per pass over the values
 
 // The largest of n values (-inf when all are; n >= 1).
 static float max_of(const float *v, int64_t n) {
@@ -500,7 +501,8 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
     }
     if (rc == 0) {
         // a task per (row, kv head), or per block of its query heads when that is too few
-        const int64_t g = hq / hkv, blocks = t * hkv < threads ? (g + 3) / 4 : 1;
+        const int64_t g = hq / hkv;
+        const int64_t blocks = t * hkv < threads ? (g + QUERY_BLOCK - 1) / QUERY_BLOCK : 1;
         const int64_t per = (g + blocks - 1) / blocks;  // query heads per task
 #pragma omp parallel for num_threads(threads) schedule(static) if (t * hq * kv_len > 4096)
         for (int64_t p = 0; p < t * hkv * blocks; p++) {

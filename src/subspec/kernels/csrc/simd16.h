@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "sum16.h"
+
 #define SIMD16 static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -44,22 +46,12 @@ SIMD16 f16 f_keep_ge(f16 v, f16 x, float bound) {  // v where x >= bound, else 0
 }
 SIMD16 f16 f_first(f16 v, int64_t n) { return _mm512_maskz_mov_ps(lanes(n), v); }  // else 0
 SIMD16 float f_sum(f16 a) { return _mm512_reduce_add_ps(a); }
-// Lane j: the sum of v[j]'s lanes, for 16 vectors at once: transposed as they are halved, 45
-// shuffles and adds in all instead of 16 reductions of 8 or so.
+// Lane j: the sum of v[j]'s lanes, for 16 vectors at once (reduce16_transposed, its inputs
+// taken in the order that leaves v[j]'s sum in lane j)
 SIMD16 f16 f_sums16(const f16 v[16]) {
-    f16 u[8], w[4], x[2];
-    for (int j = 0; j < 8; j++) {  // taken in the order that leaves v[j]'s sum in lane j
-        const int i = 2 * j;
-        const f16 a = v[i % 4 * 4 + i / 4], b = v[(i + 1) % 4 * 4 + (i + 1) / 4];
-        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    }
-    for (int j = 0; j < 4; j++)
-        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
-    for (int j = 0; j < 2; j++)
-        x[j] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0x44),
-                             _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
+    f16 by_column[16];
+    for (int i = 0; i < 16; i++) by_column[i] = v[i % 4 * 4 + i / 4];
+    return reduce16_transposed(by_column);
 }
 SIMD16 float f_top(f16 a) { return _mm512_reduce_max_ps(a); }
 SIMD16 f16 f_load(const float *p) { return _mm512_loadu_ps(p); }
