@@ -512,3 +512,20 @@ def test_shape_chooser_counts_the_levels_drafted_ahead():
         depths[hit] = chooser.shape().depth
     ahead = 2.0 / 0.3 - 1  # levels a pass's waits hold, after the guess's step
     assert depths[True] < depths[False] and depths[True] <= ahead + 1, depths
+
+
+def test_the_wheel_carries_every_kernel_source():
+    """package-data names every file the kernels compile from (a header left out builds
+    nowhere but in an editable install)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["subspec"]
+    package = root / "src" / "subspec"
+    for source in (package / "kernels" / "csrc").iterdir():
+        relative = str(source.relative_to(package))
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
