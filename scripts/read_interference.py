@@ -24,20 +24,21 @@ KV_LEN = 200  # slots the draft step attends to (the cache's contents do not mat
 
 
 def _draft_work(drafter, threads: int):
-    """A prefetcher idle callback running 2-row draft steps a part per call on `threads`."""
+    """A prefetcher idle callback running 2-row draft steps, a part per call, on `threads`."""
     tokens, positions = torch.tensor([100, 200]), torch.tensor([KV_LEN, KV_LEN])
     slots, mask = torch.tensor([KV_LEN, KV_LEN + 1]), torch.ones(2, KV_LEN + 2, dtype=torch.bool)
-    step = [None]
+
+    def steps():  # one draft step after another, a part per next()
+        while True:
+            yield from drafter.step_parts(tokens, positions, slots, mask, KV_LEN + 2)
+
+    parts = steps()
 
     def work(expected_wait_s: float) -> bool:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            if step[0] is None:
-                step[0] = drafter.step_parts(tokens, positions, slots, mask, KV_LEN + 2)
-            next(step[0])
-        except StopIteration:
-            step[0] = None
+            next(parts)
         finally:
             torch.set_num_threads(previous)
         return True
