@@ -67,6 +67,8 @@ class SpecConfig:
     )
     overlap: bool = True  # draft the next tree while the verification pass waits for weights
     guesses: int = 2  # with overlap: outcomes of a round the next tree is drafted ahead on
+    # stream a layer as its difference from the resident substitute (kernels/residual.py)
+    residual_stream: bool = True
 
     def __post_init__(self) -> None:
         shape = (self.depth, self.width, self.max_depth, self.max_width)

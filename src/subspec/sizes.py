@@ -106,6 +106,25 @@ def layer_nbytes(cfg, dtype) -> int:
     return sum(align_up(n * item) for n in numels)
 
 
+# the most escapes a layer streamed in residual form may hold (kernels/residual.py), as a share
+# of its weights: more, and the layers stream whole (the 1.5B Qwen2.5: 7%, 9% in its worst layer)
+RESIDUAL_ESCAPE_SHARE = 0.125
+
+
+def residual_layer_nbytes(cfg, dtype) -> int:
+    """Bytes of one decoder layer in residual form at most, as a staging buffer holds it
+    (4096-aligned tensors): per linear a byte a weight and the escape count before each tile
+    of 16 rows (int32); the escapes (2 bytes each, RESIDUAL_ESCAPE_SHARE of the weights at
+    most, a tensor per linear); norms and bias in `dtype`."""
+    shapes = cfg.linear_shapes.values()
+    weights = sum(o * i for o, i in shapes)
+    linears = sum(align_up(o * i) + align_up(4 * (o // 16 + 1)) for o, i in shapes)
+    escapes = 2 * int(RESIDUAL_ESCAPE_SHARE * weights) + len(shapes) * ALIGN
+    vectors = [cfg.hidden_size] * 2 + ([cfg.qkv_out] if cfg.qkv_bias else [])
+    vectors += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []
+    return linears + escapes + sum(align_up(v * itemsize(dtype)) for v in vectors)
+
+
 def substitute_nbytes(cfg, bits: int, group_size: int, dtype, device="cpu") -> int:
     """Bytes of one layer's substitute on `device`: quantized linears (in the device's layout)
     plus full-precision norms and bias."""

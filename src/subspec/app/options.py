@@ -63,6 +63,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="min-max rounding instead of HQQ's solver (~20x faster)")  # fmt: skip
     s.add_argument("--no-overlap", action="store_true",
                    help="no drafting while a verification pass waits for weights")  # fmt: skip
+    s.add_argument("--plain-stream", action="store_true",
+                   help="stream layers whole (bf16), not as their difference from the "
+                   "resident substitutes")  # fmt: skip
     s.add_argument("--guesses", type=int, default=SpecConfig.guesses,
                    help="outcomes the next tree is drafted ahead on, at once")  # fmt: skip
     s.add_argument("--draft-model", default=None, help="draft model for --method classic")
@@ -133,6 +136,7 @@ def spec_config(args) -> SpecConfig:
         verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
         overlap=not args.no_overlap, guesses=args.guesses,
+        residual_stream=not args.plain_stream,
     )  # fmt: skip
 
 

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from subspec.bench.bandwidth import MemoryProbe
 
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
-VARIANTS = "no-overlap, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN"
+VARIANTS = (
+    "no-overlap, plain-stream, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN"
+)
 
 
 def run_bench(args) -> dict:
@@ -84,6 +86,8 @@ def _variant_override(option: str) -> dict:
     """The CLI arguments a variant changes."""
     if option == "no-overlap":
         return {"no_overlap": True}
+    if option == "plain-stream":
+        return {"plain_stream": True}
     if option in ("exact", "fast"):
         return {"numerics": option}
     if m := re.fullmatch(r"(depth|width)(\d+|auto)", option):
@@ -185,7 +189,7 @@ def _run_hf(args, prompt_ids) -> dict:
 def _config(args, methods, prompts) -> dict:
     keys = ("model", "dtype", "device", "memory_budget", "context", "depth", "width",
             "draft_temperature", "bits", "draft_model", "dataset", "prompts_file", "samples",
-            "max_new_tokens", "numerics", "no_overlap")  # fmt: skip
+            "max_new_tokens", "numerics", "no_overlap", "plain_stream")  # fmt: skip
     cfg = {k: getattr(args, k, None) for k in keys}
     cfg.update(methods=methods, prompts=prompts, near_tie_bound=report.NEAR_TIE)
     return cfg

@@ -6,6 +6,8 @@ cached under $SUBSPEC_HOME/kernels, and called through ctypes.
   source through csrc/simd16.h). Without a C compiler, on a CPU with neither, or with
   SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run torch's int4 kernel instead.
 - csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
+- csrc/residual.c: a streamed bf16 weight as the difference from its resident 4-bit substitute
+  (kernels/residual.py, `residual()`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def bf16_exact() -> ctypes.CDLL | None:
     """The loaded row-invariant kernel library (csrc/bf16_exact.c), or None; exact.py declares
     its functions' signatures."""
     return _load("bf16_exact", EXACT_FLAGS)
+
+
+@functools.cache
+def residual() -> ctypes.CDLL | None:
+    """The loaded residual codec library (csrc/residual.c), or None; residual.py declares its
+    functions' signatures. Baseline x86-64 code, AVX-512 by target attributes; no FMA
+    contraction, so that every machine computes the same substitute values."""
+    return _load("residual", EXACT_FLAGS)
 
 
 def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:

@@ -24,6 +24,15 @@ class ModelSizes:
     scratch_bytes: int = 0  # working buffers of the matmul kernels (layers.widened_linear)
     head_can_stream: bool = True  # False when a draft shares the target's LM head
     workspace_bytes: int = 0  # activations, attention scores, logits, device context (CUDA)
+    # streaming in residual form (kernels/residual.py): one staging buffer's bytes (0: a
+    # layer's, layer_bytes) and the buffer a streamed weight is rebuilt in before its matmul
+    staging_bytes: int = 0
+    rebuild_bytes: int = 0
+
+    @property
+    def buffer_bytes(self) -> int:
+        """One staging buffer: a streamed layer as the slow tier holds it."""
+        return self.staging_bytes or self.layer_bytes
 
 
 @dataclass
@@ -93,7 +102,7 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
         if sum(parts.values()) <= budget:
             return Placement(
                 budget, layers[:resident], layers[resident:], tied and head, n_buffers,
-                sizes.layer_bytes, parts, lm_head_resident=head,
+                sizes.buffer_bytes, parts, lm_head_resident=head,
             )  # fmt: skip
     parts = minimum_parts(sizes, n_buffers)
     minimum = sum(parts.values())
@@ -124,7 +133,8 @@ def _breakdown(
         "resident_layers": resident * sizes.layer_bytes,
         "substitutes": streamed * sizes.substitute_bytes,
         "draft_lm_head": sizes.draft_head_bytes if streamed else 0,
-        "staging_buffers": n_buffers * sizes.layer_bytes if streamed else 0,
+        "staging_buffers": n_buffers * sizes.buffer_bytes if streamed else 0,
+        "rebuild_buffer": sizes.rebuild_bytes if streamed else 0,
         "embeddings": sizes.embed_bytes if embed and sizes.lm_head_bytes else 0,
         "lm_head": (sizes.lm_head_bytes or sizes.embed_bytes) if head else 0,
         "norms": sizes.norm_bytes,

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
-from subspec.model.layers import dense, dense_layer
+from subspec.kernels import residual
+from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense, dense_layer
 from subspec.offload.layer_file import tensors_from_buffer
 from subspec.offload.prefetch import Prefetcher
 
@@ -15,9 +16,12 @@ from subspec.offload.prefetch import Prefetcher
 class StreamedLayers:
     """Target layers that live in the slow tier: each use waits for its bytes in a buffer."""
 
-    def __init__(self, prefetcher: Prefetcher, manifests: dict, exact: bool = False):
+    def __init__(self, prefetcher: Prefetcher, manifests: dict, exact: bool = False,
+                 rebuild: Rebuild | None = None):  # fmt: skip
+        """`rebuild`: the layers stream in residual form (kernels/residual.py)."""
         self.prefetcher, self.manifests = prefetcher, manifests
         self.exact = exact  # row-invariant linears (see layers.dense)
+        self.rebuild = rebuild
         self.bytes_used = 0  # bytes of layers consumed by forward passes
         self._idle: Callable[[float], bool] | None = None
 
@@ -45,7 +49,38 @@ class StreamedLayers:
     @contextmanager
     def layer(self, i: int):
         with self.tensors(i) as t:
-            yield dense_layer(t, self.exact)
+            if self.rebuild:
+                yield self.rebuild.layer(i, t, self.exact)
+            else:
+                yield dense_layer(t, self.exact)
+
+
+class Rebuild:
+    """Layers streamed in residual form: each weight is rebuilt from its part of the staging
+    buffer and the layer's resident substitute into one reused buffer, just before its matmul
+    (a layer's linears run one after the other)."""
+
+    def __init__(self, substitutes: dict[int, LayerWeights], largest: int):
+        """`substitutes`: {layer: its substitute}; `largest`: the most weights of one linear."""
+        self.substitutes = substitutes
+        self.buffer = torch.empty(largest, dtype=torch.bfloat16)  # [largest], reused
+
+    def layer(self, i: int, t: dict[str, torch.Tensor], exact: bool) -> LayerWeights:
+        """LayerWeights over the tensors `t` of layer i in residual form (see weights.py)."""
+        linears = {name: self._linear(t, name, getattr(self.substitutes[i], name), exact)
+                   for name in LINEAR_NAMES}  # fmt: skip
+        norms = {name: t.get(name) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm")}
+        return LayerWeights(**linears, **norms)
+
+    def _linear(self, t, name: str, substitute, exact: bool):
+        parts = {part: t[f"{name}.{part}"] for part in ("residual", "escapes", "tile_escapes")}
+        bias = t.get(f"{name}.bias")
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            weight = residual.decode(parts, substitute, self.buffer)  # [out, in] bf16
+            return dense(weight, bias, exact=exact)(x)
+
+        return linear
 
 
 class StreamedHead:

@@ -8,7 +8,9 @@ slow tier is disk on a CPU machine or pinned host RAM on a CUDA machine.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from rich.progress import Progress
@@ -17,6 +19,7 @@ from subspec.config import RuntimeConfig
 from subspec.errors import SubspecError
 from subspec.files import cache_root
 from subspec.hub.models import resolve_model
+from subspec.kernels import residual
 from subspec.memory import (
     current_rss_bytes,
     fast_memory_budget,
@@ -32,7 +35,7 @@ from subspec.model.tokenizer import load_tokenizer
 from subspec.offload.planner import Placement, plan
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
-from subspec.offload.streamed import StreamedHead, StreamedLayers
+from subspec.offload.streamed import Rebuild, StreamedHead, StreamedLayers
 from subspec.progress import progress_bars
 from subspec.runtime.runtime import Runtime, Streaming
 from subspec.runtime.sizing import (
@@ -40,6 +43,7 @@ from subspec.runtime.sizing import (
     draft_config,
     model_sizes,
     plan_checked,
+    residual_streams,
     resolve_context,
 )
 from subspec.runtime.weights import (
@@ -50,8 +54,12 @@ from subspec.runtime.weights import (
     load_draft_head,
     load_resident,
     load_substitutes,
+    residual_dir,
+    residual_sources,
 )
 from subspec.spec.drafters import ModelDrafter, SharedDrafter
+
+log = logging.getLogger(__name__)
 
 
 def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
@@ -133,14 +141,25 @@ class Builder:
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams."""
         m, cfg = self.model_cfg, self.cfg
+        if residual_streams(cfg, m) and not residual.available():
+            log.info("the residual codec does not build here: layers stream whole")
+            return self._plain_stream().load(extra_bytes)
         budget = fast_memory_budget(cfg.memory_budget, self.device)
         placement = plan(model_sizes(cfg, self.ckpt, m, extra_bytes), budget, cfg.n_buffers)
         resident = load_resident(
             self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
         )
+        substitutes = None
+        if self.subspec and placement.streamed_layers:
+            substitutes = self._substitutes(placement)
         streaming, streamed_head = None, None
         if placement.streamed_layers:
-            streaming, streamed_head = self._stream(placement)
+            rebuild = substitutes if residual_streams(cfg, m) else None
+            try:
+                streaming, streamed_head = self._stream(placement, rebuild)
+            except residual.TooManyEscapes as e:
+                log.warning("layers stream whole: %s", e)
+                return self._plain_stream().load(extra_bytes)
         lm_head = self.load_head().to(self.device) if placement.lm_head_resident else None
         final_norm = self.ckpt.get(FINAL_NORM, self.dtype).to(self.device)
         embed = self._embedding(placement, lm_head)
@@ -152,8 +171,15 @@ class Builder:
                         self.device)  # fmt: skip
         streamed = streaming.layers if streaming else None
         placed = PlacedModel(model, LayerSource(resident, m.num_layers, streamed), cache)
-        drafter = self._shared_drafter(placed, placement, resident) if self.subspec else None
+        drafter = None
+        if self.subspec:
+            drafter = self._shared_drafter(placed, resident, substitutes)
         return Loaded(placement, placed, streaming, drafter)
+
+    def _plain_stream(self) -> Builder:
+        """This builder with layers streaming whole (not in residual form)."""
+        spec = replace(self.cfg.spec, residual_stream=False)
+        return Builder(replace(self.cfg, spec=spec), self.ckpt, self.model_cfg, self.bars)
 
     def _embedding(self, placement: Placement, lm_head: torch.Tensor | None) -> Embedding:
         if self.tied and placement.lm_head_resident:
@@ -162,26 +188,35 @@ class Builder:
             return Embedding(weight=self.ckpt.get(EMBED, self.dtype).to(self.device))
         return Embedding(mapped=self.ckpt.rows(EMBED), dtype=self.dtype, device=self.device)
 
-    def _stream(self, placement: Placement) -> tuple[Streaming, StreamedHead | None]:
+    def _stream(self, placement: Placement, substitutes: dict | None):
         """The slow tier (the layers, and LM head chunks when the head streams) and its
-        prefetcher, which reads units in the order a forward pass and its logits use them."""
+        prefetcher, which reads units in the order a forward pass and its logits use them;
+        with `substitutes` ({layer: LayerWeights}) the layers go in residual form."""
         m, layers = self.model_cfg, placement.streamed_layers
-        sources = layer_sources(self.ckpt, m, layers, self.dtype)
+        if substitutes is None:
+            sources = layer_sources(self.ckpt, m, layers, self.dtype)
+            directory, rebuild = self.cache_dir / "layers", None
+        else:
+            sources = residual_sources(self.ckpt, m, layers, self.dtype, substitutes)
+            directory = residual_dir(self._substitutes_dir())
+            largest = max(o * i for o, i in m.linear_shapes.values())
+            rebuild = Rebuild(substitutes, largest)
         head = {}
         if not placement.lm_head_resident:
-            head = head_sources(self.load_head, m, self.dtype, m.num_layers)
-        store = self._slow_store(sources, head)
+            head = head_sources(self.load_head, m, self.dtype, m.num_layers,
+                                placement.buffer_bytes)  # fmt: skip
+        store = self._slow_store(sources, head, directory)
         head_units = list(head)
         prefetcher = Prefetcher(store, layers + head_units, self.cfg.n_buffers, self.device)
-        streamed = StreamedLayers(prefetcher, store.manifests, self.cfg.exact)
+        streamed = StreamedLayers(prefetcher, store.manifests, self.cfg.exact, rebuild)
         streaming = Streaming(streamed, prefetcher, getattr(store, "mode", "pinned-host"))
         return streaming, StreamedHead(streamed, head_units) if head_units else None
 
-    def _slow_store(self, layers: dict, head: dict) -> SlowStore:
-        """Disk for a CPU: layer files written once, read with O_DIRECT. Pinned host RAM for
-        CUDA, packed straight from the checkpoint (no disk copy of a RAM tier)."""
+    def _slow_store(self, layers: dict, head: dict, directory: Path) -> SlowStore:
+        """Disk for a CPU: layer files written once in `directory`, read with O_DIRECT.
+        Pinned host RAM for CUDA, packed straight from the checkpoint (no disk copy of a RAM
+        tier)."""
         if self.device.type == "cpu":
-            directory = self.cache_dir / "layers"
             manifests = ensure_files(directory, layers, "writing layer files", self.bars)
             manifests |= ensure_files(directory, head, "writing LM head chunks", self.bars)
             return DiskStore(directory, manifests)
@@ -194,17 +229,21 @@ class Builder:
 
         return PinnedHostStore({u: functools.partial(packed, f) for u, f in units.items()})
 
-    def _shared_drafter(self, target: PlacedModel, placement: Placement, resident):
-        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""
-        if not placement.streamed_layers:
-            return SharedDrafter(target, LayerSource(resident, self.model_cfg.num_layers))
-        spec, m = self.cfg.spec, self.model_cfg
-        path = self.cache_dir / f"substitutes-{self._quant_tag(spec.bits)}"
-        subs = load_substitutes(
-            self.ckpt, m, placement.streamed_layers, self.dtype, self.device, spec, path,
-            self.bars,
+    def _substitutes(self, placement: Placement) -> dict:
+        """{streamed layer: its low-bit substitute (LayerWeights)}, cached on disk."""
+        return load_substitutes(
+            self.ckpt, self.model_cfg, placement.streamed_layers, self.dtype, self.device,
+            self.cfg.spec, self._substitutes_dir(), self.bars,
         )  # fmt: skip
-        layers = LayerSource({**resident, **subs}, m.num_layers)
+
+    def _substitutes_dir(self) -> Path:
+        return self.cache_dir / f"substitutes-{self._quant_tag(self.cfg.spec.bits)}"
+
+    def _shared_drafter(self, target: PlacedModel, resident, substitutes: dict | None):
+        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""
+        if not substitutes:
+            return SharedDrafter(target, LayerSource(resident, self.model_cfg.num_layers))
+        layers = LayerSource({**resident, **substitutes}, self.model_cfg.num_layers)
         return SharedDrafter(target, layers, self._draft_head())
 
     def _draft_head(self):

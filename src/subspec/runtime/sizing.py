@@ -4,6 +4,7 @@ imported), for `build_runtime`'s checks and `subspec plan`."""
 
 from __future__ import annotations
 
+import platform
 from dataclasses import replace
 
 from subspec import sizes as nb
@@ -32,9 +33,12 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
             m.vocab_size, m.hidden_size, spec.head_bits, spec.group_size, compute_dtype=dt,
             device=device,
         )  # fmt: skip
+    residual = residual_streams(cfg, m)
     return ModelSizes(
         num_layers=m.num_layers,
         layer_bytes=nb.layer_nbytes(m, dt),
+        staging_bytes=nb.residual_layer_nbytes(m, dt) if residual else 0,
+        rebuild_bytes=max(o * i for o, i in m.linear_shapes.values()) * item if residual else 0,
         substitute_bytes=(
             nb.substitute_nbytes(m, spec.bits, spec.group_size, dt, device) if sub else 0
         ),
@@ -51,6 +55,22 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
             m, max(cfg.prefill_chunk, spec.tree_size), cfg.capacity, dt, device
         ),
     )
+
+
+def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
+    """Whether streamed layers go in residual form (kernels/residual.py): SubSpec's bf16
+    target on an x86-64 CPU with 4-bit substitutes in the int4 kernel's tile layout, where a
+    layer in that form takes fewer bytes (not so for tiny layers, padded to 4 KB a tensor),
+    unless spec.residual_stream is off. (Where the kernels do not build, build_runtime plans
+    again without it.)"""
+    spec, m = cfg.spec, model_cfg
+    shapes = all(o % 16 == 0 and i % 64 == 0 for o, i in m.linear_shapes.values())
+    return (
+        "subspec" in cfg.methods and spec.residual_stream and spec.bits == 4
+        and spec.group_size % 64 == 0 and cfg.dtype == "bfloat16" and shapes
+        and nb.device_type(cfg.device) == "cpu" and platform.machine() in ("x86_64", "AMD64")
+        and nb.residual_layer_nbytes(m, cfg.dtype) < nb.layer_nbytes(m, cfg.dtype)
+    )  # fmt: skip
 
 
 def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:

@@ -13,11 +13,12 @@ from rich.progress import Progress
 from subspec import quant
 from subspec.errors import SubspecError
 from subspec.files import safetensors_fingerprint
+from subspec.kernels import residual
 from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
 from subspec.offload.layer_file import layer_path, read_manifest, write_layer_file
-from subspec.sizes import itemsize, layer_nbytes
+from subspec.sizes import RESIDUAL_ESCAPE_SHARE, itemsize, layer_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,42 @@ def layer_sources(ckpt, cfg, layers, dtype) -> dict:
     return {i: functools.partial(layer_tensors, ckpt, cfg, i, dtype) for i in layers}
 
 
-def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Rows of the LM head per streamed chunk: as many as fit a layer's staging buffer."""
-    return layer_nbytes(cfg, dtype) // (cfg.hidden_size * itemsize(dtype))
+def residual_sources(ckpt, cfg, layers, dtype, substitutes: dict) -> dict:
+    """{layer: a function returning its tensors in residual form}: each linear weight as
+    kernels/residual.encode's parts against the layer's substitute (`substitutes[layer]`,
+    LayerWeights), norms and bias as they are. Raises residual.TooManyEscapes when more than
+    RESIDUAL_ESCAPE_SHARE of a layer's weights escape (its file would outgrow the staging
+    buffers planned for it, sizes.residual_layer_nbytes)."""
+
+    def tensors(i: int) -> dict[str, torch.Tensor]:
+        t = layer_tensors(ckpt, cfg, i, dtype)
+        weights = escapes = 0
+        for name in LINEAR_NAMES:
+            weight = t.pop(f"{name}.weight")
+            parts = residual.encode(weight, getattr(substitutes[i], name))
+            t |= {f"{name}.{part}": v for part, v in parts.items()}
+            weights += weight.numel()
+            escapes += parts["tile_escapes"][-1].item()
+        if escapes > int(RESIDUAL_ESCAPE_SHARE * weights):
+            raise residual.TooManyEscapes(
+                f"{escapes} of layer {i}'s {weights} weights escape their substitute"
+            )
+        return t
+
+    return {i: functools.partial(tensors, i) for i in layers}
 
 
-def head_sources(load_head, cfg, dtype, first_unit: int) -> dict:
+def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype, buffer_bytes: int | None = None) -> int:
+    """Rows of the LM head per streamed chunk: as many as fit a staging buffer of
+    `buffer_bytes` (default: a full-precision layer's)."""
+    return (buffer_bytes or layer_nbytes(cfg, dtype)) // (cfg.hidden_size * itemsize(dtype))
+
+
+def head_sources(load_head, cfg, dtype, first_unit: int, buffer_bytes: int | None = None) -> dict:
     """{unit: a function returning one chunk {"weight": [rows, H]} of the LM head}, numbered
-    from `first_unit`; `load_head()` (the whole head [V, H]) is called at most once."""
-    rows = head_chunk_rows(cfg, dtype)
+    from `first_unit`, each fitting a staging buffer of `buffer_bytes` (see head_chunk_rows);
+    `load_head()` (the whole head [V, H]) is called at most once."""
+    rows = head_chunk_rows(cfg, dtype, buffer_bytes)
     load_once = functools.cache(load_head)
 
     def chunk(unit: int) -> dict[str, torch.Tensor]:
@@ -112,6 +140,8 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
     task = progress and missing and progress.add_task(
         f"quantizing {len(missing)} layers to {spec.bits}-bit", total=len(missing))  # fmt: skip
     for i in missing:  # quantized on the CPU (no device temporaries), then moved
+        # a layer file in residual form against the old substitute would rebuild wrong weights
+        layer_path(residual_dir(directory), i).unlink(missing_ok=True)
         t = layer_tensors(ckpt, cfg, i, dtype)
         linears = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
                                    spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
@@ -126,6 +156,12 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
         )
         for i in layers
     }
+
+
+def residual_dir(substitutes_dir: Path) -> Path:
+    """Where layer files in residual form against the substitutes in `substitutes_dir` live
+    (inside it: a substitute rebuilt there deletes its layer's file, see load_substitutes)."""
+    return substitutes_dir / "residual"
 
 
 def _quant_meta(spec, bits: int, dtype) -> dict[str, str]:
