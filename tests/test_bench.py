@@ -43,8 +43,11 @@ def test_bench_report_shape(tmp_path, tiny_model_dir, capsys):
     assert results["subspec"]["tau"] >= 1
     for key in ("round_s", "draft_s", "verify_s", "overlap_s", "draft_step_s",
                 "draft_bytes_per_step", "draft_read_bytes_per_s", "depth", "width",
-                "limit_tokens_per_s", "open_step_s", "ahead_step_s"):  # fmt: skip
+                "limit_tokens_per_s", "open_step_s", "ahead_step_s", "cpu_limit_tokens_per_s",
+                "pass_compute_s_per_round"):  # fmt: skip
         assert key in results["subspec"], key
+    r = results["subspec"]  # the cores bound what a perfect overlap of the transfer reaches
+    assert 0 < r["cpu_limit_tokens_per_s"] <= r["limit_tokens_per_s"]
     variant = results["subspec@no-overlap+depth2"]
     assert variant["depth"] == 2 and variant["overlap_s"] == 0
     assert variant["ahead_step_s"] == 0 and variant["open_step_s"] == variant["draft_step_s"]
@@ -64,5 +67,6 @@ def test_variants_set_the_shape():
     assert _variant_override("depth16") == {"depth": 16}
     assert _variant_override("guesses1") == {"guesses": 1}
     assert _variant_override("head16") == {"draft_head_bits": 16}
+    assert _variant_override("plain-stream") == {"plain_stream": True}
     with pytest.raises(SubspecError, match="unknown method variant"):
         _variant_override("width")

@@ -147,7 +147,10 @@ def _reference(results: dict, r: dict) -> str:
 
 
 def _limits(r: dict, bound: dict | None, memory_bw: float) -> None:
-    """limit_tokens_per_s = tau / max(stream time, draft time) per round, from this run."""
+    """limit_tokens_per_s = tau / max(stream time, draft time) per round, from this run: what
+    a perfect overlap would reach. cpu_limit_tokens_per_s = tau / max(stream time, draft time
+    + the pass's own compute): the same where the draft and the pass's compute share the
+    cores (on CPU both run on all of them), so that only the transfer can hide behind work."""
     rate = r["read_bytes"] / r["read_s"] if r["read_s"] else (bound or {}).get("tokens_per_s")
     stream_s = (r["bytes_streamed"] / r["passes"]) / rate if rate and r["passes"] else 0.0
     draft_s = (r["draft_s"] + r["overlap_s"]) / r["rounds"] if r["rounds"] else 0.0
@@ -156,6 +159,12 @@ def _limits(r: dict, bound: dict | None, memory_bw: float) -> None:
     slowest = max(stream_s, draft_s)
     r["limit_tokens_per_s"] = r["tau"] / slowest if slowest else 0.0
     r["share_of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"] if slowest else 0.0
+    # the pass's time neither waiting for weights nor drafting in its waits
+    compute_s = max(r["verify_s"] - r["transfer_wait_s"], 0.0) / r["rounds"] if r["rounds"] else 0.0
+    r["pass_compute_s_per_round"] = compute_s
+    busiest = max(stream_s, draft_s + compute_s)
+    r["cpu_limit_tokens_per_s"] = r["tau"] / busiest if busiest else 0.0
+    r["share_of_cpu_limit"] = r["tokens_per_s"] / r["cpu_limit_tokens_per_s"] if busiest else 0.0
     r["draft_step_share_of_memory_bw"] = r["draft_read_bytes_per_s"] / memory_bw
     if r.get("open_step_s"):
         r["open_step_share_of_memory_bw"] = r["draft_bytes_per_step"] / r["open_step_s"] / memory_bw
@@ -238,4 +247,9 @@ def print_table(out: dict) -> None:
             print(f"{name}: a draft step reads {format_size(r['draft_bytes_per_step'])} in "
                   f"{r['draft_step_s'] * 1e3:.0f} ms = {format_size(r['draft_read_bytes_per_s'])}"
                   f"/s ({r['draft_step_share_of_memory_bw']:.0%} of memory read{_split(r)}); "
-                  f"{r['share_of_limit']:.0%} of its overlap limit")  # fmt: skip
+                  f"{r['share_of_limit']:.0%} of its overlap limit, "
+                  f"{r['share_of_cpu_limit']:.0%} of its CPU limit ("
+                  f"{r['cpu_limit_tokens_per_s']:.2f} tok/s: a round drafts "
+                  f"{r['draft_s_per_round']:.2f} s and computes its pass "
+                  f"{r['pass_compute_s_per_round']:.2f} s, streaming "
+                  f"{r['stream_s_per_round']:.2f} s)")  # fmt: skip
