@@ -29,17 +29,22 @@ def parse_mode(text: str) -> tuple[str, dict]:
     for item in filter(None, fields.split(",")):
         key, _, value = item.partition("=")
         default = getattr(SpecConfig, key)
-        spec[key] = value.lower() == "true" if isinstance(default, bool) else int(value)
+        if isinstance(default, bool):
+            spec[key] = value.lower() == "true"
+        else:  # int or float fields; None-default ones (depth, width) take ints
+            spec[key] = type(default)(value) if default is not None else int(value)
     return name, spec
 
 
 def run(runtime, prompt_ids, max_new: int) -> tuple[float, float]:
-    """(decode tok/s, the disk's read rate in GB/s) over the prompts."""
+    """(decode tok/s, the disk's read rate in GB/s) over the prompts (the first token of each
+    comes out of prefill, as in the bench)."""
     tokens = seconds = read_bytes = read_s = 0
     for ids in prompt_ids:
+        stats = None
         for event in stream_generate(runtime, Request(ids, "subspec", max_new, SamplingConfig())):
-            stats = event.stats or None
-        tokens += stats.new_tokens
+            stats = event.stats or stats
+        tokens += stats.new_tokens - 1
         seconds += stats.decode_s
         read_bytes += stats.memory.read_bytes
         read_s += stats.memory.read_s

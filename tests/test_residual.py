@@ -5,6 +5,8 @@ vanilla's tokens, greedy and sampled, and falls back to whole layers; a rebuilt 
 never meets a stale residual file. On a tiny Qwen2 wide enough for the form to pay (the
 tests' usual 64-wide layers are smaller whole, padded to 4 KB a tensor)."""
 
+import os
+
 import pytest
 import torch
 from helpers import generate, make_runtime, minimum_budget, write_tiny
@@ -12,16 +14,19 @@ from helpers import generate, make_runtime, minimum_budget, write_tiny
 from subspec import sizes
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.files import cache_root
-from subspec.kernels import residual
+from subspec.kernels import native, residual
 from subspec.model.checkpoint import Checkpoint
 from subspec.model.config import ModelConfig
 from subspec.offload.layer_file import layer_path
 from subspec.quant.hqq import quantize_linear
 from subspec.runtime.weights import fingerprint, residual_dir
 
-pytestmark = pytest.mark.skipif(
-    not residual.available(), reason="the residual codec or the int4 kernel does not build here"
+codec = pytest.mark.skipif(
+    native.residual() is None or native.int4_vnni() is None,
+    reason="the residual codec or the int4 kernel does not build here",
 )
+simd = pytest.mark.skipif(not residual.has_simd(), reason="no AVX-512 (F, BW, VL, VBMI2) here")
+streams = pytest.mark.skipif(not residual.available(), reason="residual streaming is off here")
 SPEC = SpecConfig(depth=5, width=2)
 WIDE = {"hidden_size": 256, "intermediate_size": 512}  # head_dim 64, qkv bias
 PROMPTS = ("hello world", "this is a test")
@@ -56,48 +61,58 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
+@codec
 @pytest.mark.parametrize("out_f, in_f, group", [(48, 192, 64), (32, 256, 128), (1536, 64, 64)])
-@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
-def test_rebuilds_every_bit(out_f, in_f, group, simd):
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=simd), False], ids=["simd", "scalar"])
+def test_rebuilds_every_bit(out_f, in_f, group, fast):
     w = _weight(out_f, in_f, out_f + in_f)
     sub = quantize_linear(w, None, bits=4, group_size=group, optimize=False)
     parts = residual.encode(w, sub)
     out = torch.full((out_f * in_f + 5,), float("nan"), dtype=torch.bfloat16)
-    assert torch.equal(_bits(residual.decode(parts, sub, out, simd)), _bits(w))
+    assert torch.equal(_bits(residual.decode(parts, sub, out, fast)), _bits(w))
     escaped = int((parts["residual"] == -128).sum())
     assert parts["tile_escapes"][-1] == escaped
     assert torch.all(parts["tile_escapes"].diff() >= 0)
 
 
+@codec
 def test_most_gaussian_weights_take_one_byte():
     w = (torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     parts = residual.encode(w, quantize_linear(w, None, bits=4, group_size=64))
     assert 0 < parts["tile_escapes"][-1] < 0.1 * w.numel()
 
 
+@codec
 def test_a_weight_far_from_its_substitute_escapes_but_still_rebuilds():
     w = _weight(64, 128, 1)
     other = quantize_linear(_weight(64, 128, 2) * 50, None, bits=4, group_size=64, optimize=False)
     parts = residual.encode(w, other)
     assert parts["tile_escapes"][-1] > 0.5 * w.numel()
     out = torch.empty(w.numel(), dtype=torch.bfloat16)
-    for simd in (True, False):
-        assert torch.equal(_bits(residual.decode(parts, other, out, simd)), _bits(w))
+    for fast in (True, False) if residual.has_simd() else (False,):
+        assert torch.equal(_bits(residual.decode(parts, other, out, fast)), _bits(w))
 
 
-def test_encode_refuses_a_substitute_of_another_shape():
+@codec
+def test_encode_and_decode_refuse_what_does_not_match():
     w = _weight(32, 128, 3)
     sub = quantize_linear(_weight(48, 128, 3), None, bits=4, group_size=64, optimize=False)
     with pytest.raises(ValueError, match="does not match"):
         residual.encode(w, sub)
+    with pytest.raises(ValueError, match="bf16"):
+        residual.encode(w.float(), quantize_linear(w, None, bits=4, optimize=False))
+    parts = residual.encode(_weight(48, 128, 4), sub)
+    with pytest.raises(ValueError, match="do not match"):
+        residual.decode(parts, sub, torch.empty(48 * 128 - 1, dtype=torch.bfloat16))
 
 
+@streams
 @pytest.mark.parametrize("share", [0.7, 0.0])
 def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):
     full = vanilla.placement.resident_bytes
     budget = max(int(share * full), minimum_budget(model_dir, ("subspec",), "bfloat16", SPEC))
     runtime = make_runtime(model_dir, ("subspec",), budget, "bfloat16", SPEC)
-    assert runtime.streaming.layers.rebuild is not None
+    assert runtime.streaming.layers.rebuild is not None and runtime.placement.residual_stream
     for prompt in PROMPTS:
         want = generate(vanilla, "vanilla", prompt, 32)[0]
         assert generate(runtime, "subspec", prompt, 32)[0] == want
@@ -107,6 +122,7 @@ def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):
         assert generate(runtime, "subspec", PROMPTS[1], 16, sampling)[0] == want
 
 
+@streams
 def test_staging_bound_holds_the_layer_files(model_dir):
     runtime = make_runtime(model_dir, ("subspec",), _streaming_budget(model_dir),
                            "bfloat16", SPEC)  # fmt: skip
@@ -119,6 +135,7 @@ def test_staging_bound_holds_the_layer_files(model_dir):
         assert streaming.layers.manifests[unit].total_bytes <= bound
 
 
+@streams
 def test_plain_stream_and_fallback_emit_the_same_tokens(model_dir, tmp_path, monkeypatch):
     budget = _streaming_budget(model_dir)
     rebuilt = make_runtime(model_dir, ("subspec",), budget, "bfloat16", SPEC)
@@ -136,7 +153,7 @@ def test_plain_stream_and_fallback_emit_the_same_tokens(model_dir, tmp_path, mon
     monkeypatch.setattr(sizes, "RESIDUAL_ESCAPE_SHARE", 0.0)
     monkeypatch.setattr("subspec.runtime.weights.RESIDUAL_ESCAPE_SHARE", 0.0)
     fallback = make_runtime(other, ("subspec",), _streaming_budget(other), "bfloat16", SPEC)
-    assert fallback.streaming.layers.rebuild is None
+    assert fallback.streaming.layers.rebuild is None and not fallback.placement.residual_stream
     vanilla = make_runtime(other, dtype="bfloat16", numerics="exact")
     prompt = "the cat sat on the mat"
     assert (
@@ -144,24 +161,42 @@ def test_plain_stream_and_fallback_emit_the_same_tokens(model_dir, tmp_path, mon
     )
 
 
-def test_a_rebuilt_substitute_rewrites_its_residual_file(tmp_path):
+@codec
+def test_without_the_codec_layers_stream_whole(model_dir, vanilla, monkeypatch):
+    monkeypatch.setattr(residual, "available", lambda: False)
+    runtime = make_runtime(model_dir, ("subspec",), _streaming_budget(model_dir), "bfloat16", SPEC)
+    assert runtime.streaming.layers.rebuild is None and not runtime.placement.residual_stream
+    want = generate(vanilla, "vanilla", PROMPTS[0], 24)[0]
+    assert generate(runtime, "subspec", PROMPTS[0], 24)[0] == want
+
+
+@streams
+def test_residual_files_never_meet_another_substitute(tmp_path):
+    """A substitute rebuilt deletes its layer's residual file; a residual file made against
+    another substitute (here: another layer's, copied over it) is found by its sample."""
     model = _wide_qwen2(tmp_path / "model", seed=11)
     budget = _streaming_budget(model)
     first = make_runtime(model, ("subspec",), budget, "bfloat16", SPEC)
-    layer = first.placement.streamed_layers[0]
+    layer, other = first.placement.streamed_layers[:2]
     with Checkpoint(model) as ckpt:
-        subs_dir = (
-            cache_root() / "offload" / f"{fingerprint(ckpt)}-bfloat16" / "substitutes-b4-g64-hqq"
-        )
-    sub_file = subs_dir / f"layer_{layer:05d}.safetensors"
-    resid_file = layer_path(residual_dir(subs_dir), layer)
-    before = resid_file.stat().st_ino
-    sub_file.write_bytes(b"not a safetensors file")  # corrupt: the next runtime re-quantizes
-    second = make_runtime(model, ("subspec",), budget, "bfloat16", SPEC)
-    assert resid_file.stat().st_ino != before  # deleted with the old substitute, written anew
+        name = f"{fingerprint(ckpt)}-bfloat16"
+    subs_dir = cache_root() / "offload" / name / "substitutes-b4-g64-hqq"
+    files = residual_dir(subs_dir, first.placement.buffer_bytes)
+    resid_file = layer_path(files, layer)
     vanilla = make_runtime(model, dtype="bfloat16", numerics="exact")
-    prompt = "hello world"
-    assert generate(second, "subspec", prompt, 24)[0] == generate(vanilla, "vanilla", prompt, 24)[0]
+    want = generate(vanilla, "vanilla", PROMPTS[0], 24)[0]
+
+    os.utime(resid_file, (0, 0))  # a file written anew has a recent time
+    (subs_dir / f"layer_{layer:05d}.safetensors").write_bytes(b"not a safetensors file")
+    second = make_runtime(model, ("subspec",), budget, "bfloat16", SPEC)  # re-quantizes
+    assert resid_file.stat().st_mtime > 0  # deleted with the old substitute, written anew
+    assert generate(second, "subspec", PROMPTS[0], 24)[0] == want
+
+    resid_file.write_bytes(layer_path(files, other).read_bytes())
+    os.utime(resid_file, (0, 0))
+    third = make_runtime(model, ("subspec",), budget, "bfloat16", SPEC)
+    assert resid_file.stat().st_mtime > 0
+    assert generate(third, "subspec", PROMPTS[0], 24)[0] == want
 
 
 def _streaming_budget(model_dir) -> int:

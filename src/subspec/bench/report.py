@@ -159,7 +159,8 @@ def _limits(r: dict, bound: dict | None, memory_bw: float) -> None:
     slowest = max(stream_s, draft_s)
     r["limit_tokens_per_s"] = r["tau"] / slowest if slowest else 0.0
     r["share_of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"] if slowest else 0.0
-    # the pass's time neither waiting for weights nor drafting in its waits
+    # the pass's time neither waiting for weights nor drafting in its waits (transfer_wait_s
+    # also holds prefill's waits: compute comes out a little short, the limit a little high)
     compute_s = max(r["verify_s"] - r["transfer_wait_s"], 0.0) / r["rounds"] if r["rounds"] else 0.0
     r["pass_compute_s_per_round"] = compute_s
     busiest = max(stream_s, draft_s + compute_s)

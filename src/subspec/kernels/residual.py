@@ -18,6 +18,8 @@ from subspec.kernels import native
 from subspec.quant.linear import QuantLinear
 
 _VOID, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+PARTS = ("residual", "escapes", "tile_escapes", "substitute_sample")  # encode()'s tensors
+SAMPLE_STRIDE = 4093  # bytes of the substitute between two of its sampled bytes
 
 
 @functools.cache
@@ -33,13 +35,18 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+def has_simd() -> bool:
+    """Whether the codec builds and runs its AVX-512 path here."""
+    lib = _lib()
+    return lib is not None and bool(lib.subspec_residual_simd())
+
+
 def available() -> bool:
     """Whether residual streaming pays here: the codec builds and the CPU runs its AVX-512
     path, and the int4 tile layout builds. (The scalar path, the reference the tests check
     the AVX-512 one against, rebuilt a layer of the 1.5B in 52 ms on two Zen 4 cores, 8 ms
     with AVX-512: more than the 15 ms its 41 MB smaller read saves at 2.7 GB/s.)"""
-    lib = _lib()
-    return lib is not None and bool(lib.subspec_residual_simd()) and native.int4_vnni() is not None
+    return has_simd() and native.int4_vnni() is not None
 
 
 def fits(sub: QuantLinear) -> bool:
@@ -51,22 +58,35 @@ class TooManyEscapes(ValueError):
     """A layer's weights stray too far from its substitute for the residual form to pay."""
 
 
+def substitute_sample(sub: QuantLinear) -> torch.Tensor:
+    """Every SAMPLE_STRIDE-th byte of the substitute's values and scales (uint8): stored with
+    the residual form, so that one made against another substitute is found stale."""
+    return sub.qdata.reshape(-1)[::SAMPLE_STRIDE].clone()
+
+
 def encode(weight: torch.Tensor, sub: QuantLinear) -> dict[str, torch.Tensor]:
     """weight [N, K] bf16 and its substitute -> {"residual": int8 [N K], "escapes": int16
-    [E], "tile_escapes": int32 [N / 16 + 1]} (E >= 1: a lone zero when nothing escapes)."""
+    [E], "tile_escapes": int32 [N / 16 + 1], "substitute_sample": uint8} (E >= 1: a lone
+    zero when nothing escapes)."""
     n, k = weight.shape
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"the residual form is of bf16 weights, not {weight.dtype}")
     if not fits(sub) or (sub.out_features, sub.in_features) != (n, k):
         raise ValueError(f"substitute {sub} does not match weight [{n}, {k}] in the tile layout")
+    if n * k >= 2**31:
+        raise ValueError(f"weight [{n}, {k}] has too many values for int32 escape counts")
     weight = weight.contiguous()
     residual = torch.empty(n * k, dtype=torch.int8)
-    escapes = torch.empty(n * k, dtype=torch.int16)
+    escapes = torch.zeros(n * k, dtype=torch.int16)
     tile_escapes = torch.empty(n // 16 + 1, dtype=torch.int32)
     count = _lib().subspec_residual_encode(
         sub.qdata.data_ptr(), weight.data_ptr(), residual.data_ptr(), escapes.data_ptr(),
         tile_escapes.data_ptr(), n, k, sub.group_size,
     )  # fmt: skip
+    if count < 0:
+        raise ValueError(f"the residual codec refused W [{n}, {k}], group {sub.group_size}")
     return {"residual": residual, "escapes": escapes[: max(count, 1)].clone(),
-            "tile_escapes": tile_escapes}  # fmt: skip
+            "tile_escapes": tile_escapes, "substitute_sample": substitute_sample(sub)}  # fmt: skip
 
 
 def decode(parts: dict[str, torch.Tensor], sub: QuantLinear, out: torch.Tensor,
@@ -74,11 +94,13 @@ def decode(parts: dict[str, torch.Tensor], sub: QuantLinear, out: torch.Tensor,
     """The weight [N, K] bf16 rebuilt into `out` (at least N K bf16 elements) from encode()'s
     parts and the same substitute; `simd` False: the scalar path (tests compare the two)."""
     n, k = sub.out_features, sub.in_features
+    resid, escapes, tiles = parts["residual"], parts["escapes"], parts["tile_escapes"]
+    if resid.numel() != n * k or tiles.numel() != n // 16 + 1 or out.numel() < n * k:
+        raise ValueError(f"residual parts or buffer do not match W [{n}, {k}]")
     weight = out[: n * k].view(n, k)
     rc = _lib().subspec_residual_decode(
-        sub.qdata.data_ptr(), parts["residual"].data_ptr(), parts["escapes"].data_ptr(),
-        parts["tile_escapes"].data_ptr(), weight.data_ptr(), n, k, sub.group_size, int(simd),
-        torch.get_num_threads(),
+        sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), tiles.data_ptr(),
+        weight.data_ptr(), n, k, sub.group_size, int(simd), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"residual decode failed ({rc}) for W [{n}, {k}]")

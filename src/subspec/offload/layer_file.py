@@ -212,6 +212,17 @@ def _check_buffer(buffer: torch.Tensor, manifest: LayerManifest) -> None:
         raise SubspecError(f"layer buffer has {buffer.numel()} bytes, needs {manifest.total_bytes}")
 
 
+def read_tensor(path: str | os.PathLike, manifest: LayerManifest, name: str) -> torch.Tensor:
+    """One tensor of a layer file, read on its own (a copy; for small ones)."""
+    entry = next(e for e in manifest.tensors if e.name == name)
+    with open(path, "rb") as f:
+        f.seek(manifest.data_offset + entry.offset)
+        data = bytearray(f.read(entry.nbytes))
+    if len(data) != entry.nbytes:
+        raise SubspecError(f"{path}: truncated tensor {name}")
+    return torch.frombuffer(data, dtype=torch.uint8).view(_dtype(entry.dtype)).view(entry.shape)
+
+
 def tensors_from_buffer(buffer: torch.Tensor, manifest: LayerManifest) -> dict[str, torch.Tensor]:
     """Zero-copy views of the unit's tensors inside ``buffer`` (uint8 [>= total_bytes]).
 

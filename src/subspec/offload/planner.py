@@ -47,6 +47,7 @@ class Placement:
     buffer_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes in fast memory
     lm_head_resident: bool = True  # False: the LM head streams too, in vocabulary chunks
+    residual_stream: bool = False  # the layers stream in residual form (kernels/residual.py)
 
     @property
     def resident_bytes(self) -> int:
@@ -65,10 +66,11 @@ class Placement:
         """A few human-readable lines for --verbose."""
         n = len(self.resident_layers) + len(self.streamed_layers)
         head = "" if self.lm_head_resident else " + the LM head"
+        form = " in residual form" if self.residual_stream else ""
         lines = [
             f"placement: {len(self.resident_layers)}/{n} decoder layers resident, "
-            f"{len(self.streamed_layers)}{head} streamed through {self.n_buffers} buffers "
-            f"of {format_size(self.buffer_bytes)}",
+            f"{len(self.streamed_layers)}{head} streamed{form} through {self.n_buffers} "
+            f"buffers of {format_size(self.buffer_bytes)}",
             "  fast memory: "
             + ", ".join(f"{k} {format_size(v)}" for k, v in self.breakdown.items() if v),
         ]
@@ -87,8 +89,8 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
     embeddings are the tied LM head, which is resident anyway): a resident layer saves a
     transfer on every pass, a resident embedding table saves almost nothing. Only when no
     layer fits beside it does the LM head stream too (then as many layers as fit in its place
-    stay resident), in chunks no larger than a layer, through the same buffers: that sets the
-    minimum budget.
+    stay resident), in chunks no larger than a staging buffer, through the same buffers: that
+    sets the minimum budget.
     """
     everything = _breakdown(sizes, sizes.num_layers, 0, True, True)
     if budget is None or sum(everything.values()) <= budget:
@@ -103,6 +105,7 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
             return Placement(
                 budget, layers[:resident], layers[resident:], tied and head, n_buffers,
                 sizes.buffer_bytes, parts, lm_head_resident=head,
+                residual_stream=bool(sizes.staging_bytes),
             )  # fmt: skip
     parts = minimum_parts(sizes, n_buffers)
     minimum = sum(parts.values())

@@ -8,9 +8,11 @@ from contextlib import contextmanager
 import torch
 
 from subspec.kernels import residual
+from subspec.model.checkpoint import NORMS
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense, dense_layer
 from subspec.offload.layer_file import tensors_from_buffer
 from subspec.offload.prefetch import Prefetcher
+from subspec.quant.linear import QuantLinear
 
 
 class StreamedLayers:
@@ -69,11 +71,10 @@ class Rebuild:
         """LayerWeights over the tensors `t` of layer i in residual form (see weights.py)."""
         linears = {name: self._linear(t, name, getattr(self.substitutes[i], name), exact)
                    for name in LINEAR_NAMES}  # fmt: skip
-        norms = {name: t.get(name) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm")}
-        return LayerWeights(**linears, **norms)
+        return LayerWeights(**linears, **{name: t.get(name) for name in NORMS})
 
-    def _linear(self, t, name: str, substitute, exact: bool):
-        parts = {part: t[f"{name}.{part}"] for part in ("residual", "escapes", "tile_escapes")}
+    def _linear(self, t, name: str, substitute: QuantLinear, exact: bool):
+        parts = {part: t[f"{name}.{part}"] for part in residual.PARTS}
         bias = t.get(f"{name}.bias")
 
         def linear(x: torch.Tensor) -> torch.Tensor:

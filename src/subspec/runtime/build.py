@@ -47,6 +47,7 @@ from subspec.runtime.sizing import (
     resolve_context,
 )
 from subspec.runtime.weights import (
+    drop_stale_residual_files,
     ensure_files,
     fingerprint,
     head_sources,
@@ -139,27 +140,34 @@ class Builder:
         self.load_head = functools.cache(functools.partial(ckpt.get, self.head_name, self.dtype))
 
     def load(self, extra_bytes: int = 0) -> Loaded:
-        """Plan for the budget, then load what is resident and prepare what streams."""
-        m, cfg = self.model_cfg, self.cfg
-        if residual_streams(cfg, m) and not residual.available():
-            log.info("the residual codec does not build here: layers stream whole")
+        """Plan for the budget, then load what is resident and prepare what streams; in
+        residual form where it applies, else (the codec does not run here, or a layer strays
+        too far from its substitute) with whole layers."""
+        if residual_streams(self.cfg, self.model_cfg):
+            try:
+                if not residual.available():
+                    raise residual.TooManyEscapes("the residual codec does not build here")
+                return self._load(extra_bytes)
+            except residual.TooManyEscapes as e:
+                reason = str(e)  # (the exception's frames, holding what was loaded, go)
+            log.warning("layers stream whole, not in residual form: %s", reason)
             return self._plain_stream().load(extra_bytes)
+        return self._load(extra_bytes)
+
+    def _load(self, extra_bytes: int) -> Loaded:
+        m, cfg = self.model_cfg, self.cfg
         budget = fast_memory_budget(cfg.memory_budget, self.device)
         placement = plan(model_sizes(cfg, self.ckpt, m, extra_bytes), budget, cfg.n_buffers)
-        resident = load_resident(
-            self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
-        )
         substitutes = None
         if self.subspec and placement.streamed_layers:
             substitutes = self._substitutes(placement)
         streaming, streamed_head = None, None
-        if placement.streamed_layers:
-            rebuild = substitutes if residual_streams(cfg, m) else None
-            try:
-                streaming, streamed_head = self._stream(placement, rebuild)
-            except residual.TooManyEscapes as e:
-                log.warning("layers stream whole: %s", e)
-                return self._plain_stream().load(extra_bytes)
+        if placement.streamed_layers:  # before the resident layers: residual form may fail
+            rebuilt_from = substitutes if residual_streams(cfg, m) else None
+            streaming, streamed_head = self._stream(placement, rebuilt_from)
+        resident = load_resident(
+            self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
+        )
         lm_head = self.load_head().to(self.device) if placement.lm_head_resident else None
         final_norm = self.ckpt.get(FINAL_NORM, self.dtype).to(self.device)
         embed = self._embedding(placement, lm_head)
@@ -198,7 +206,9 @@ class Builder:
             directory, rebuild = self.cache_dir / "layers", None
         else:
             sources = residual_sources(self.ckpt, m, layers, self.dtype, substitutes)
-            directory = residual_dir(self._substitutes_dir())
+            # named by the staging buffer's size, which sets the LM head chunks' rows
+            directory = residual_dir(self._substitutes_dir(), placement.buffer_bytes)
+            drop_stale_residual_files(directory, substitutes)
             largest = max(o * i for o, i in m.linear_shapes.values())
             rebuild = Rebuild(substitutes, largest)
         head = {}

@@ -59,16 +59,18 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
 
 def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
     """Whether streamed layers go in residual form (kernels/residual.py): SubSpec's bf16
-    target on an x86-64 CPU with 4-bit substitutes in the int4 kernel's tile layout, where a
-    layer in that form takes fewer bytes (not so for tiny layers, padded to 4 KB a tensor),
-    unless spec.residual_stream is off. (Where the kernels do not build, build_runtime plans
-    again without it.)"""
+    target on an x86-64 CPU with AVX-512 (the codec's fast path) and 4-bit substitutes in the
+    int4 kernel's tile layout, where a layer in that form takes fewer bytes (not so for tiny
+    layers, padded to 4 KB a tensor), unless spec.residual_stream is off. (Where the kernels
+    do not build, or a layer strays too far from its substitute, build_runtime plans again
+    without it.)"""
     spec, m = cfg.spec, model_cfg
     shapes = all(o % 16 == 0 and i % 64 == 0 for o, i in m.linear_shapes.values())
     return (
         "subspec" in cfg.methods and spec.residual_stream and spec.bits == 4
         and spec.group_size % 64 == 0 and cfg.dtype == "bfloat16" and shapes
         and nb.device_type(cfg.device) == "cpu" and platform.machine() in ("x86_64", "AMD64")
+        and nb.cpu_has_avx512_vbmi2()
         and nb.residual_layer_nbytes(m, cfg.dtype) < nb.layer_nbytes(m, cfg.dtype)
     )  # fmt: skip
 

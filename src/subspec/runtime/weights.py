@@ -17,7 +17,7 @@ from subspec.kernels import residual
 from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
-from subspec.offload.layer_file import layer_path, read_manifest, write_layer_file
+from subspec.offload.layer_file import layer_path, read_manifest, read_tensor, write_layer_file
 from subspec.sizes import RESIDUAL_ESCAPE_SHARE, itemsize, layer_nbytes
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,25 @@ def residual_sources(ckpt, cfg, layers, dtype, substitutes: dict) -> dict:
         return t
 
     return {i: functools.partial(tensors, i) for i in layers}
+
+
+def drop_stale_residual_files(directory: Path, substitutes: dict) -> None:
+    """Delete the residual-form layer files in `directory` made against other substitutes
+    than `substitutes` ({layer: LayerWeights}): their stored samples of the substitute
+    differ (files of an older build, a copied cache); ensure_files writes them anew."""
+    for i, sub in substitutes.items():
+        path = layer_path(directory, i)
+        try:
+            manifest = read_manifest(path)
+            same = all(
+                torch.equal(read_tensor(path, manifest, f"{name}.substitute_sample"),
+                            residual.substitute_sample(getattr(sub, name)))
+                for name in LINEAR_NAMES
+            )  # fmt: skip
+        except (OSError, SubspecError, StopIteration, RuntimeError):
+            same = False  # missing, truncated, or without samples
+        if not same:
+            path.unlink(missing_ok=True)
 
 
 def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype, buffer_bytes: int | None = None) -> int:
@@ -141,7 +160,8 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
         f"quantizing {len(missing)} layers to {spec.bits}-bit", total=len(missing))  # fmt: skip
     for i in missing:  # quantized on the CPU (no device temporaries), then moved
         # a layer file in residual form against the old substitute would rebuild wrong weights
-        layer_path(residual_dir(directory), i).unlink(missing_ok=True)
+        for residual_files in directory.glob("residual-*"):
+            layer_path(residual_files, i).unlink(missing_ok=True)
         t = layer_tensors(ckpt, cfg, i, dtype)
         linears = {name: _quantize(t[f"{name}.weight"], t.get(f"{name}.bias"), spec,
                                    spec.bits, dtype) for name in LINEAR_NAMES}  # fmt: skip
@@ -158,10 +178,11 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
     }
 
 
-def residual_dir(substitutes_dir: Path) -> Path:
-    """Where layer files in residual form against the substitutes in `substitutes_dir` live
-    (inside it: a substitute rebuilt there deletes its layer's file, see load_substitutes)."""
-    return substitutes_dir / "residual"
+def residual_dir(substitutes_dir: Path, buffer_bytes: int) -> Path:
+    """Where layer files in residual form against the substitutes in `substitutes_dir` live,
+    with LM head chunks fitting staging buffers of `buffer_bytes` (inside it: a substitute
+    rebuilt there deletes its layer's files, see load_substitutes)."""
+    return substitutes_dir / f"residual-{buffer_bytes}"
 
 
 def _quant_meta(spec, bits: int, dtype) -> dict[str, str]:

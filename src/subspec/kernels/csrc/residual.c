@@ -62,9 +62,12 @@ static inline int value_at(const uint8_t *chunk, int row, int jj) {
     return jj < 4 ? byte & 15 : byte >> 4;
 }
 
+// Writes the residual form of weight[N, K] (bf16 bits) against the substitute's records;
+// returns the number of escapes, or -1 for bad shapes. `escapes` holds N K values at most.
 int64_t subspec_residual_encode(const uint8_t *w, const uint16_t *weight, int8_t *resid,
                                 uint16_t *escapes, int32_t *tile_escapes, int64_t n, int64_t k,
                                 int64_t group) {
+    if (n % TILE || group % 8 || k % group) return -1;
     const int64_t groups = k / group, chunks = group / 8, record = 8 * group + 64;
     int64_t e = 0;
     uint16_t tab[TILE][16];
@@ -135,7 +138,8 @@ AVX512 static void tables_avx512(const uint16_t *pairs, __m512i tab[8]) {
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
     }
     uint16_t lanes[8][32];
-    for (int slot = 0; slot < TILE; slot++) memcpy(&lanes[slot / 2][(slot % 2) * 16], rows[ROWS[slot]], 32);
+    for (int slot = 0; slot < TILE; slot++)
+        memcpy(&lanes[slot / 2][(slot % 2) * 16], rows[ROWS[slot]], 32);
     for (int i = 0; i < 8; i++) tab[i] = _mm512_loadu_si512(lanes[i]);
 }
 
@@ -155,7 +159,8 @@ AVX512 static void decode_tile_avx512(const uint8_t *w, const int8_t *resid, con
             const __m512i v = _mm512_loadu_si512(rec + 64 * c);
             const __m512i lo = _mm512_and_si512(v, nibble);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-            const __m512i halves[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
+            const __m512i halves[2] = {_mm512_unpacklo_epi32(lo, hi),
+                                       _mm512_unpackhi_epi32(lo, hi)};
             for (int p = 0; p < 4; p++) {  // 4 rows (ROWS[4p ..]) x 8 values
                 const __m512i half = halves[p / 2];
                 const __m256i bytes = p % 2 ? _mm512_extracti64x4_epi64(half, 1)
