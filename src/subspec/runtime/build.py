@@ -143,16 +143,16 @@ class Builder:
         """Plan for the budget, then load what is resident and prepare what streams; in
         residual form where it applies, else (the codec does not run here, or a layer strays
         too far from its substitute) with whole layers."""
-        if residual_streams(self.cfg, self.model_cfg):
+        if not residual_streams(self.cfg, self.model_cfg):
+            return self._load(extra_bytes)
+        reason = "the residual codec does not run here"
+        if residual.available():
             try:
-                if not residual.available():
-                    raise residual.TooManyEscapes("the residual codec does not build here")
                 return self._load(extra_bytes)
             except residual.TooManyEscapes as e:
                 reason = str(e)  # (the exception's frames, holding what was loaded, go)
-            log.warning("layers stream whole, not in residual form: %s", reason)
-            return self._plain_stream().load(extra_bytes)
-        return self._load(extra_bytes)
+        log.warning("layers stream whole, not in residual form: %s", reason)
+        return self._plain_stream().load(extra_bytes)
 
     def _load(self, extra_bytes: int) -> Loaded:
         m, cfg = self.model_cfg, self.cfg
