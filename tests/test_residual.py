@@ -17,9 +17,9 @@ from subspec.files import cache_root
 from subspec.kernels import native, residual
 from subspec.model.checkpoint import Checkpoint
 from subspec.model.config import ModelConfig
-from subspec.offload.layer_file import layer_path
+from subspec.offload.layer_file import layer_path, plan_layout
 from subspec.quant.hqq import quantize_linear
-from subspec.runtime.weights import fingerprint, residual_dir
+from subspec.runtime.weights import fingerprint, residual_dir, residual_sources
 
 codec = pytest.mark.skipif(
     native.residual() is None or native.int4_vnni() is None,
@@ -129,10 +129,22 @@ def test_staging_bound_holds_the_layer_files(model_dir):
     streaming = runtime.streaming
     assert streaming.layers.rebuild is not None
     cfg = ModelConfig.from_dir(model_dir)
-    bound = sizes.residual_layer_nbytes(cfg, "bfloat16")
+    bound = sizes.residual_layer_nbytes(cfg, "bfloat16", SPEC.group_size)
     assert runtime.placement.buffer_bytes == bound < sizes.layer_nbytes(cfg, "bfloat16")
     for unit in runtime.placement.streamed_layers:
         assert streaming.layers.manifests[unit].total_bytes <= bound
+    # a layer at the most escapes allowed still fits: its files' tensors, escapes grown
+    layer = runtime.placement.streamed_layers[0]
+    with Checkpoint(model_dir) as ckpt:
+        t = residual_sources(
+            ckpt, cfg, [layer], torch.bfloat16, runtime.streaming.layers.rebuild.substitutes
+        )[layer]()
+    weights = sum(o * i for o, i in cfg.linear_shapes.values())
+    most = int(sizes.RESIDUAL_ESCAPE_SHARE * weights)  # all in one linear, one in the others
+    for name in ("o", "gate_up", "down"):
+        t[f"{name}.escapes"] = torch.zeros(1, dtype=torch.int16)
+    t["qkv.escapes"] = torch.zeros(most - 3, dtype=torch.int16)
+    assert plan_layout(t).total_bytes <= bound
 
 
 @streams

@@ -52,6 +52,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_tile" in flags
 
 
+@functools.cache
 def cpu_has_avx512_vbmi2() -> bool:
     """Whether this CPU has the AVX-512 subsets the residual codec's fast path needs (F, BW,
     VL, VBMI2), read from /proc/cpuinfo (False where there is no such file)."""
@@ -119,16 +120,23 @@ def layer_nbytes(cfg, dtype) -> int:
 # the most escapes a layer streamed in residual form may hold (kernels/residual.py), as a share
 # of its weights: more, and the layers stream whole (the 1.5B Qwen2.5: 7%, 8% in its worst layer)
 RESIDUAL_ESCAPE_SHARE = 0.125
+RESIDUAL_SAMPLE_STRIDE = 4093  # bytes of a substitute between two bytes its residual form keeps
 
 
-def residual_layer_nbytes(cfg, dtype) -> int:
+def residual_layer_nbytes(cfg, dtype, group_size: int) -> int:
     """Bytes of one decoder layer in residual form at most, as a staging buffer holds it
-    (4096-aligned tensors): per linear a byte a weight and the escape count before each tile
-    of 16 rows (int32); the escapes (2 bytes each, RESIDUAL_ESCAPE_SHARE of the weights at
-    most, a tensor per linear); norms and bias in `dtype`."""
+    (4096-aligned tensors): per linear a byte a weight, the escape count before each tile of
+    16 rows (int32) and the sample of its 4-bit substitute (every RESIDUAL_SAMPLE_STRIDE-th
+    byte); the escapes (2 bytes each, RESIDUAL_ESCAPE_SHARE of the weights at most, a tensor
+    per linear); norms and bias in `dtype`."""
     shapes = cfg.linear_shapes.values()
     weights = sum(o * i for o, i in shapes)
-    linears = sum(align_up(o * i) + align_up(4 * (o // 16 + 1)) for o, i in shapes)
+    linears = sum(
+        align_up(o * i) + align_up(4 * (o // 16 + 1))
+        + align_up(-(-quantized_nbytes(o, i, 4, group_size, compute_dtype=dtype)
+                     // RESIDUAL_SAMPLE_STRIDE))
+        for o, i in shapes
+    )  # fmt: skip
     escapes = 2 * int(RESIDUAL_ESCAPE_SHARE * weights) + len(shapes) * ALIGN
     vectors = [cfg.hidden_size] * 2 + ([cfg.qkv_out] if cfg.qkv_bias else [])
     vectors += [cfg.head_dim, cfg.head_dim] if cfg.qk_norm else []

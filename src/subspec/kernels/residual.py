@@ -16,10 +16,10 @@ import torch
 
 from subspec.kernels import native
 from subspec.quant.linear import QuantLinear
+from subspec.sizes import RESIDUAL_SAMPLE_STRIDE
 
 _VOID, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 PARTS = ("residual", "escapes", "tile_escapes", "substitute_sample")  # encode()'s tensors
-SAMPLE_STRIDE = 4093  # bytes of the substitute between two of its sampled bytes
 
 
 @functools.cache
@@ -59,9 +59,10 @@ class TooManyEscapes(ValueError):
 
 
 def substitute_sample(sub: QuantLinear) -> torch.Tensor:
-    """Every SAMPLE_STRIDE-th byte of the substitute's values and scales (uint8): stored with
-    the residual form, so that one made against another substitute is found stale."""
-    return sub.qdata.reshape(-1)[::SAMPLE_STRIDE].clone()
+    """Every RESIDUAL_SAMPLE_STRIDE-th byte of the substitute's values and scales (uint8):
+    stored with the residual form, so that one made against another substitute is found
+    stale."""
+    return sub.qdata.reshape(-1)[::RESIDUAL_SAMPLE_STRIDE].clone()
 
 
 def encode(weight: torch.Tensor, sub: QuantLinear) -> dict[str, torch.Tensor]:

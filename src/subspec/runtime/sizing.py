@@ -37,7 +37,7 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
     return ModelSizes(
         num_layers=m.num_layers,
         layer_bytes=nb.layer_nbytes(m, dt),
-        staging_bytes=nb.residual_layer_nbytes(m, dt) if residual else 0,
+        staging_bytes=nb.residual_layer_nbytes(m, dt, spec.group_size) if residual else 0,
         rebuild_bytes=max(o * i for o, i in m.linear_shapes.values()) * item if residual else 0,
         substitute_bytes=(
             nb.substitute_nbytes(m, spec.bits, spec.group_size, dt, device) if sub else 0
@@ -71,7 +71,7 @@ def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
         and spec.group_size % 64 == 0 and cfg.dtype == "bfloat16" and shapes
         and nb.device_type(cfg.device) == "cpu" and platform.machine() in ("x86_64", "AMD64")
         and nb.cpu_has_avx512_vbmi2()
-        and nb.residual_layer_nbytes(m, cfg.dtype) < nb.layer_nbytes(m, cfg.dtype)
+        and nb.residual_layer_nbytes(m, cfg.dtype, spec.group_size) < nb.layer_nbytes(m, cfg.dtype)
     )  # fmt: skip
 
 
