@@ -44,7 +44,7 @@ def has_simd() -> bool:
 def available() -> bool:
     """Whether residual streaming pays here: the codec builds and the CPU runs its AVX-512
     path, and the int4 tile layout builds. (The scalar path, the reference the tests check
-    the AVX-512 one against, rebuilt a layer of the 1.5B in 52 ms on two Zen 4 cores, 8 ms
+    the AVX-512 one against, rebuilt a layer of the 1.5B in 37 ms on two Zen 4 cores, 6-8 ms
     with AVX-512: more than the 15 ms its 41 MB smaller read saves at 2.7 GB/s.)"""
     return has_simd() and native.int4_vnni() is not None
 

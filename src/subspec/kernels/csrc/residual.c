@@ -62,44 +62,11 @@ static inline int value_at(const uint8_t *chunk, int row, int jj) {
     return jj < 4 ? byte & 15 : byte >> 4;
 }
 
-// Writes the residual form of weight[N, K] (bf16 bits) against the substitute's records;
-// returns the number of escapes, or -1 for bad shapes. `escapes` holds N K values at most.
-int64_t subspec_residual_encode(const uint8_t *w, const uint16_t *weight, int8_t *resid,
-                                uint16_t *escapes, int32_t *tile_escapes, int64_t n, int64_t k,
-                                int64_t group) {
-    if (n % TILE || group % 8 || k % group) return -1;
-    const int64_t groups = k / group, chunks = group / 8, record = 8 * group + 64;
-    int64_t e = 0;
-    uint16_t tab[TILE][16];
-    for (int64_t t = 0; t < n / TILE; t++) {
-        tile_escapes[t] = (int32_t)e;
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *rec = w + (t * groups + g) * record;
-            tables_scalar((const uint16_t *)(rec + 8 * group), tab);
-            for (int64_t c = 0; c < chunks; c++) {
-                for (int slot = 0; slot < TILE; slot++) {
-                    const int row = ROWS[slot];
-                    const uint16_t *src = weight + (TILE * t + row) * k + g * group + 8 * c;
-                    for (int jj = 0; jj < 8; jj++) {
-                        const uint16_t d = tab[row][value_at(rec + 64 * c, row, jj)];
-                        const int16_t diff = (int16_t)(uint16_t)(src[jj] - d);
-                        if (diff >= -127 && diff <= 127) {
-                            *resid++ = (int8_t)diff;
-                        } else {
-                            *resid++ = -128;
-                            escapes[e++] = src[jj];
-                        }
-                    }
-                }
-            }
-        }
-    }
-    tile_escapes[n / TILE] = (int32_t)e;
-    return e;
-}
-
-static void decode_tile_scalar(const uint8_t *w, const int8_t *resid, const uint16_t *esc,
-                               uint16_t *weight, int64_t t, int64_t k, int64_t group) {
+// One tile of 16 rows in residual order, either way: `encode` 1 reads its rows of `weight`
+// and writes its residuals from `resid` on and its escapes from *esc on; 0 the reverse.
+// (The order defined here is the format: the AVX-512 decoder below follows it.)
+static void tile_scalar(const uint8_t *w, int64_t t, int64_t k, int64_t group, uint16_t *weight,
+                        int8_t *resid, uint16_t **esc, int encode) {
     const int64_t groups = k / group, chunks = group / 8, record = 8 * group + 64;
     uint16_t tab[TILE][16];
     for (int64_t g = 0; g < groups; g++) {
@@ -108,15 +75,37 @@ static void decode_tile_scalar(const uint8_t *w, const int8_t *resid, const uint
         for (int64_t c = 0; c < chunks; c++) {
             for (int slot = 0; slot < TILE; slot++) {
                 const int row = ROWS[slot];
-                uint16_t *dst = weight + (TILE * t + row) * k + g * group + 8 * c;
-                for (int jj = 0; jj < 8; jj++) {
-                    const int8_t r = *resid++;
+                uint16_t *values = weight + (TILE * t + row) * k + g * group + 8 * c;
+                for (int jj = 0; jj < 8; jj++, resid++) {
                     const uint16_t d = tab[row][value_at(rec + 64 * c, row, jj)];
-                    dst[jj] = r == -128 ? *esc++ : (uint16_t)(d + (uint16_t)(int16_t)r);
+                    if (!encode) {
+                        values[jj] = *resid == -128 ? *(*esc)++
+                                                    : (uint16_t)(d + (uint16_t)(int16_t)*resid);
+                        continue;
+                    }
+                    const int16_t diff = (int16_t)(uint16_t)(values[jj] - d);
+                    const int fits = diff >= -127 && diff <= 127;
+                    *resid = fits ? (int8_t)diff : -128;
+                    if (!fits) *(*esc)++ = values[jj];
                 }
             }
         }
     }
+}
+
+// Writes the residual form of weight[N, K] (bf16 bits) against the substitute's records;
+// returns the number of escapes, or -1 for bad shapes. `escapes` holds N K values at most.
+int64_t subspec_residual_encode(const uint8_t *w, const uint16_t *weight, int8_t *resid,
+                                uint16_t *escapes, int32_t *tile_escapes, int64_t n, int64_t k,
+                                int64_t group) {
+    if (n % TILE || group % 8 || k % group) return -1;
+    uint16_t *esc = escapes;
+    for (int64_t t = 0; t < n / TILE; t++) {
+        tile_escapes[t] = (int32_t)(esc - escapes);
+        tile_scalar(w, t, k, group, (uint16_t *)weight, resid + t * TILE * k, &esc, 1);
+    }
+    tile_escapes[n / TILE] = (int32_t)(esc - escapes);
+    return esc - escapes;
 }
 
 #if defined(__x86_64__)
@@ -208,14 +197,14 @@ int subspec_residual_decode(const uint8_t *w, const int8_t *resid, const uint16_
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tiles; t++) {
         const int8_t *r = resid + t * TILE * k;
-        const uint16_t *e = escapes + tile_escapes[t];
+        uint16_t *e = (uint16_t *)escapes + tile_escapes[t];
 #if defined(__x86_64__)
         if (fast) {
             decode_tile_avx512(w, r, e, weight, t, k, group);
             continue;
         }
 #endif
-        decode_tile_scalar(w, r, e, weight, t, k, group);
+        tile_scalar(w, t, k, group, weight, (int8_t *)r, &e, 0);
     }
     return 0;
 }
