@@ -52,9 +52,13 @@ def _cfg() -> ModelConfig:
     )  # fmt: skip
 
 
-def test_workspace_is_counted_on_cuda_only():
+def test_workspace_grows_with_rows_and_cuda_counts_more():
     cfg = _cfg()
-    assert workspace_nbytes(cfg, 289, 4096, torch.bfloat16, "cpu") == 0
+    cpu = workspace_nbytes(cfg, 289, 4096, torch.bfloat16, "cpu", logit_rows=289)
+    # a CPU round: fp32 scores of every head over the cache, fp32 logits and their softmax
+    assert cpu >= 289 * (4 * 4096 * 4 + 2 * 1000 * 4)
+    assert workspace_nbytes(cfg, 1, 64, torch.bfloat16, "cpu") < cpu
+    assert workspace_nbytes(cfg, 289, 4096, torch.bfloat16, "cuda") > cpu + CUDA_CONTEXT_BYTES
     small = workspace_nbytes(cfg, 1, 64, torch.bfloat16, "cuda")
     big = workspace_nbytes(cfg, 289, 4096, torch.bfloat16, "cuda")
     assert CUDA_CONTEXT_BYTES < small < big

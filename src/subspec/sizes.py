@@ -15,6 +15,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # group sizes torch's int4 kernels take
 BITPACK_SCRATCH_ELEMENTS = 1 << 24  # the bitpack matmul's dequantized block: 64 MiB in fp32
 WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused widening buffer at most (32 MiB)
+CPU_ALLOCATOR_SLACK = 32 << 20  # heap glibc keeps between forwards (runtime/sizing.py)
 CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
 
 
@@ -156,17 +157,22 @@ def substitute_nbytes(cfg, bits: int, group_size: int, dtype, device="cpu") -> i
     return linears + extras * itemsize(dtype)
 
 
-def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device) -> int:
-    """Fast memory a forward over `tokens` rows attending to `kv_len` slots needs beyond the
-    weights and the cache, on a CUDA device (0 on CPU, whose planner counts weights only):
-    one layer's activations, fp32 attention scores and probabilities, K/V repeated per query
-    head, fp32 logits and their softmax, the bitpack matmul's block, and the CUDA context."""
-    if device_type(device) != "cuda":
-        return 0
+def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device, logit_rows: int = 1) -> int:
+    """Fast memory a forward over up to `tokens` rows attending to `kv_len` slots needs beyond
+    the weights and the cache. On a CUDA device: one layer's activations, fp32 attention scores
+    and probabilities, K/V repeated per query head, fp32 logits and their softmax for every
+    row, the bitpack matmul's block and the CUDA context. On a CPU, the larger of a prefill
+    chunk's (activations and fp32 scores; logits of its last row only) and a round's (the same
+    for `logit_rows` tree rows, with fp32 logits and softmax of every row). (On the 1.5B at
+    1.78 GB generation held 80-165 MB beyond the planned parts with 4-1,900-token prompts;
+    this and CPU_ALLOCATOR_SLACK count 170 MB.)"""
     item = itemsize(dtype)
-    activations = tokens * (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
-    scores = 2 * cfg.num_heads * tokens * kv_len * 4
+    per_row = (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
+    per_row += cfg.num_heads * kv_len * 4  # the row's attention scores
+    logits = 2 * cfg.vocab_size * 4  # a row's fp32 logits and their softmax
+    if device_type(device) != "cuda":
+        return max(tokens * per_row, logit_rows * (per_row + logits))
     repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
-    logits = 2 * tokens * cfg.vocab_size * 4
     bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
-    return activations + scores + repeated_kv + logits + bitpack + CUDA_CONTEXT_BYTES
+    scores_again = cfg.num_heads * tokens * kv_len * 4  # the probabilities
+    return tokens * (per_row + logits) + scores_again + repeated_kv + bitpack + CUDA_CONTEXT_BYTES

@@ -120,8 +120,8 @@ def cmd_models(args) -> None:
     import subspec.hub.models as hub
     from subspec.hub import dummy
 
-    if args.models_command == "pull":
-        print(hub.pull(args.name))
+    if args.models_command == "pull":  # a dummy is built, a catalogue model fetched
+        print(dummy.ensure_dummy(args.name) if dummy.is_dummy(args.name) else hub.pull(args.name))
         return
     for m in hub.list_models():
         state = "ready" if m["ready"] else "not pulled"

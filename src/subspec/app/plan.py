@@ -13,7 +13,7 @@ from subspec.hub.models import resolve_model
 from subspec.model.checkpoint import Checkpoint
 from subspec.model.config import ModelConfig
 from subspec.offload.planner import biggest, minimum_parts, plan
-from subspec.runtime.sizing import check_kv_fits, method_sizes, resolve_context
+from subspec.runtime.sizing import check_kv_fits, method_sizes, process_bytes, resolve_context
 
 
 def plan_report(args) -> dict:
@@ -30,7 +30,7 @@ def plan_report(args) -> dict:
               "methods": {}}  # fmt: skip
     with Checkpoint(model_dir) as ckpt:
         for method in methods:
-            sizes = method_sizes(cfg, ckpt, model_cfg, method)
+            sizes = method_sizes(cfg, ckpt, model_cfg, method, process_bytes(cfg))
             check_kv_fits(replace(cfg, methods=(method,)), sizes)
             minimum = minimum_parts(sizes, cfg.n_buffers)
             entry = {"minimum_budget_bytes": sum(minimum.values()),

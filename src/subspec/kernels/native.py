@@ -8,6 +8,9 @@ cached under $SUBSPEC_HOME/kernels, and called through ctypes.
 - csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
 - csrc/residual.c: a streamed bf16 weight as the difference from its resident 4-bit substitute
   (kernels/residual.py, `residual()`).
+- csrc/hqq.c: data-free HQQ quantization of a weight into the substitutes' values, scales and
+  zero points (kernels/hqq.py, `hqq()`); portable C with an AVX-512 path, so it builds on any
+  machine with a C compiler.
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ INT4_BUILDS = (
 EXACT_FLAGS = ("-ffp-contract=off",)
 
 
-def _load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
-    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (no x86-64 CPU, no
-    C compiler, a failed build, SUBSPEC_NATIVE=0)."""
+def _load(name: str, flags: tuple[str, ...], x86_only: bool = True) -> ctypes.CDLL | None:
+    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (an x86-64 kernel
+    on another CPU, no C compiler, a failed build, SUBSPEC_NATIVE=0)."""
     if os.environ.get("SUBSPEC_NATIVE", "1") == "0":
         return None
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if x86_only and platform.machine() not in ("x86_64", "AMD64"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -95,6 +98,13 @@ def residual() -> ctypes.CDLL | None:
     functions' signatures. Baseline x86-64 code, AVX-512 by target attributes; no FMA
     contraction, so that every machine computes the same substitute values."""
     return _load("residual", EXACT_FLAGS)
+
+
+@functools.cache
+def hqq() -> ctypes.CDLL | None:
+    """The loaded HQQ quantizer (csrc/hqq.c), or None; kernels/hqq.py declares its signature.
+    No FMA contraction: products and sums round as torch's elementwise ops round them."""
+    return _load("hqq", EXACT_FLAGS, x86_only=False)
 
 
 def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:

@@ -20,6 +20,7 @@ class ModelSizes:
     norm_bytes: int  # final norm
     kv_bytes: int  # the KV cache for the whole context
     extra_bytes: int = 0  # anything else that must be resident (e.g. a classic draft model)
+    process_bytes: int = 0  # the process before any weight: interpreter, torch, tokenizer
     draft_head_bytes: int = 0  # the draft's low-bit LM head, needed only when layers stream
     scratch_bytes: int = 0  # working buffers of the matmul kernels (layers.widened_linear)
     head_can_stream: bool = True  # False when a draft shares the target's LM head
@@ -145,4 +146,5 @@ def _breakdown(
         "extra": sizes.extra_bytes,
         "matmul_scratch": sizes.scratch_bytes,
         "workspace": sizes.workspace_bytes,
+        "process": sizes.process_bytes,
     }

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from subspec.quant.linear import QuantLinear, bitpack, bitunpack
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+QUANTIZER = "subspec-hqq-1"  # kernels/hqq.py's solver; a change to its results renames it
 
 
 def save_quantized(path: str | os.PathLike, layers: dict[str, QuantLinear], meta: dict) -> None:
@@ -51,7 +51,7 @@ def load_quantized(
     """Load layers written by ``save_quantized`` onto ``device``.
 
     Returns None when the file is missing, unreadable, truncated, corrupted (checksum
-    mismatch) or was written for other meta, format or hqq version: rebuild then. Every
+    mismatch) or was written for other meta, format or quantizer: rebuild then. Every
     reason but a missing file is logged as a warning. Other errors (bugs) propagate.
     """
     path = Path(path)
@@ -85,16 +85,8 @@ def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, Qu
 
 
 def _meta_json(meta: dict) -> str:
-    full = {**meta, "format_version": FORMAT_VERSION, "hqq_version": _hqq_version()}
+    full = {**meta, "format_version": FORMAT_VERSION, "quantizer": QUANTIZER}
     return json.dumps(full, sort_keys=True)
-
-
-def _hqq_version() -> str:
-    """The installed hqq's version, or "none" (min-max rounding needs no hqq)."""
-    try:
-        return version("hqq")
-    except PackageNotFoundError:
-        return "none"
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:

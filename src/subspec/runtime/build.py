@@ -43,6 +43,7 @@ from subspec.runtime.sizing import (
     draft_config,
     model_sizes,
     plan_checked,
+    process_bytes,
     residual_streams,
     resolve_context,
 )
@@ -70,12 +71,13 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     cfg = resolve_context(cfg, model_cfg)
     tokenizer = load_tokenizer(model_dir)
     rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
+    process = process_bytes(cfg, rss_before_load)
     with Checkpoint(model_dir) as ckpt:  # headers only: refuse an impossible plan before loading
-        plan_checked(cfg, ckpt, model_cfg, draft_bytes(cfg, model_cfg))
+        plan_checked(cfg, ckpt, model_cfg, draft_bytes(cfg, model_cfg), process)
     classic = _classic_draft(cfg, model_cfg, progress) if "classic" in cfg.methods else None
     extra = classic.placement.resident_bytes if classic else 0
     with progress_bars(progress) as bars, Checkpoint(model_dir) as ckpt:
-        loaded = Builder(cfg, ckpt, model_cfg, bars).load(extra_bytes=extra)
+        loaded = Builder(cfg, ckpt, model_cfg, bars, process).load(extra_bytes=extra)
     release_free_memory()
     drafters = {}
     if loaded.shared_drafter is not None:
@@ -126,9 +128,12 @@ class Builder:
     """Sizes, plans and loads one checkpoint for one RuntimeConfig."""
 
     def __init__(
-        self, cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig, bars: Progress
-    ):
+        self, cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig, bars: Progress,
+        process: int = 0,
+    ):  # fmt: skip
+        """`process`: the budget's share the process itself takes (sizing.process_bytes)."""
         self.cfg, self.ckpt, self.model_cfg, self.bars = cfg, ckpt, model_cfg, bars
+        self.process = process
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
         self.head_name = lm_head_name(ckpt, model_cfg)
         self.tied = self.head_name == EMBED
@@ -157,7 +162,8 @@ class Builder:
     def _load(self, extra_bytes: int) -> Loaded:
         m, cfg = self.model_cfg, self.cfg
         budget = fast_memory_budget(cfg.memory_budget, self.device)
-        placement = plan(model_sizes(cfg, self.ckpt, m, extra_bytes), budget, cfg.n_buffers)
+        sizes = model_sizes(cfg, self.ckpt, m, extra_bytes, self.process)
+        placement = plan(sizes, budget, cfg.n_buffers)
         substitutes = None
         if self.subspec and placement.streamed_layers:
             substitutes = self._substitutes(placement)
@@ -187,7 +193,8 @@ class Builder:
     def _plain_stream(self) -> Builder:
         """This builder with layers streaming whole (not in residual form)."""
         spec = replace(self.cfg.spec, residual_stream=False)
-        return Builder(replace(self.cfg, spec=spec), self.ckpt, self.model_cfg, self.bars)
+        cfg = replace(self.cfg, spec=spec)
+        return Builder(cfg, self.ckpt, self.model_cfg, self.bars, self.process)
 
     def _embedding(self, placement: Placement, lm_head: torch.Tensor | None) -> Embedding:
         if self.tied and placement.lm_head_resident:

@@ -4,11 +4,18 @@ imported), for `build_runtime`'s checks and `subspec plan`."""
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import replace
 
 from subspec import sizes as nb
-from subspec.config import DEFAULT_CONTEXT, METHODS, RuntimeConfig, format_size, methods_to_load
+from subspec.config import (
+    DEFAULT_CONTEXT,
+    METHODS,
+    RuntimeConfig,
+    format_size,
+    methods_to_load,
+)
 from subspec.errors import SubspecError
 from subspec.hub.models import resolve_model
 from subspec.memory import available_bytes
@@ -16,11 +23,36 @@ from subspec.model.checkpoint import EMBED, Checkpoint, lm_head_name
 from subspec.model.config import ModelConfig
 from subspec.offload.planner import ModelSizes, Placement, minimum_parts, plan
 
+# What the process takes of a CPU budget before any weight (the interpreter, torch,
+# transformers, a tokenizer): 400-440 MB measured with the Qwen2.5 and SmolLM2 tokenizers.
+# `subspec plan`, which loads none of them, counts this; a runtime measures its own.
+PROCESS_BYTES_ESTIMATE = 420_000_000
+
+
+def budget_counts_process(cfg: RuntimeConfig) -> bool:
+    """Whether cfg's budget covers the process itself (its RSS before the weights, its working
+    memory, the allocator's slack), not only the model's parts: on a CPU with a budget, unless
+    $SUBSPEC_BUDGET_WEIGHTS_ONLY is 1 (the suite sets it: budgets of a few MB place its tiny
+    models). On a GPU the budget is device memory, which the process's RSS is not."""
+    weights_only = os.environ.get("SUBSPEC_BUDGET_WEIGHTS_ONLY") == "1"
+    return (
+        cfg.memory_budget is not None and nb.device_type(cfg.device) == "cpu" and not weights_only
+    )
+
+
+def process_bytes(cfg: RuntimeConfig, measured: int | None = None) -> int:
+    """The share of cfg's budget the process itself takes: `measured` (its RSS before the
+    weights load) or PROCESS_BYTES_ESTIMATE, with the heap the allocator keeps between
+    forwards; 0 where the budget does not count it (budget_counts_process)."""
+    if not budget_counts_process(cfg):
+        return 0
+    return (PROCESS_BYTES_ESTIMATE if measured is None else measured) + nb.CPU_ALLOCATOR_SLACK
+
 
 def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
-                extra_bytes: int = 0) -> ModelSizes:  # fmt: skip
+                extra_bytes: int = 0, process: int = 0) -> ModelSizes:  # fmt: skip
     """Bytes of every part in fast memory, for the planner; `extra_bytes`: what else stays
-    resident (classic speculation's draft)."""
+    resident (classic speculation's draft); `process`: the process's own (process_bytes)."""
     m, dt, spec, device = model_cfg, cfg.dtype, cfg.spec, cfg.device
     item = nb.itemsize(dt)
     tied = lm_head_name(ckpt, m) == EMBED
@@ -47,12 +79,20 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
         norm_bytes=m.hidden_size * item,
         kv_bytes=nb.kv_nbytes(m.num_layers, m.num_kv_heads, m.head_dim, cfg.capacity, dt),
         extra_bytes=extra_bytes,
+        process_bytes=process,
         draft_head_bytes=draft_head,
         # exact numerics run every dense weight through kernels/exact.py, which never widens
         scratch_bytes=0 if cfg.exact else nb.widen_scratch_bytes(dt, device, largest),
         head_can_stream=not (sub and spec.head_bits == 16),
-        workspace_bytes=nb.workspace_nbytes(
-            m, max(cfg.prefill_chunk, spec.tree_size), cfg.capacity, dt, device
+        workspace_bytes=0
+        if nb.device_type(device) == "cpu" and not budget_counts_process(cfg)
+        else nb.workspace_nbytes(
+            m,
+            max(cfg.prefill_chunk, spec.tree_size),
+            cfg.capacity,
+            dt,
+            device,
+            logit_rows=spec.tree_size if sub else 1,
         ),
     )
 
@@ -89,15 +129,15 @@ def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig
 
 
 def plan_checked(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
-                 extra_bytes: int = 0) -> Placement:  # fmt: skip
+                 extra_bytes: int = 0, process: int = 0) -> Placement:  # fmt: skip
     """The placement for cfg, from headers only (no weight is read), refusing a KV cache
     that cannot fit in free memory and a budget below the minimum (naming each method's)."""
-    sizes = model_sizes(cfg, ckpt, model_cfg, extra_bytes)
+    sizes = model_sizes(cfg, ckpt, model_cfg, extra_bytes, process)
     check_kv_fits(cfg, sizes)
     try:
         return plan(sizes, cfg.memory_budget, cfg.n_buffers)
     except SubspecError as e:
-        mins = method_minimums(cfg, ckpt, model_cfg)
+        mins = method_minimums(cfg, ckpt, model_cfg, process)
         each = ", ".join(f"{m} {format_size(b)}" for m, b in mins.items())
         raise SubspecError(f"{e}; the smallest budget of each method: {each}") from None
 
@@ -113,19 +153,20 @@ def check_kv_fits(cfg: RuntimeConfig, sizes: ModelSizes) -> None:
 
 
 def method_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
-                 method: str) -> ModelSizes:  # fmt: skip
+                 method: str, process: int = 0) -> ModelSizes:  # fmt: skip
     """The sizes of a runtime that runs `method` (its draft included), from headers only."""
     m_cfg = replace(cfg, methods=methods_to_load(method))
-    return model_sizes(m_cfg, ckpt, model_cfg, draft_bytes(m_cfg, model_cfg))
+    return model_sizes(m_cfg, ckpt, model_cfg, draft_bytes(m_cfg, model_cfg), process)
 
 
-def method_minimums(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig) -> dict:
+def method_minimums(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
+                    process: int = 0) -> dict:  # fmt: skip
     """Method -> the smallest budget it runs in (classic only with a draft model)."""
     out = {}
     for method in METHODS:
         if method == "classic" and not cfg.draft_model:
             continue
-        sizes = method_sizes(cfg, ckpt, model_cfg, method)
+        sizes = method_sizes(cfg, ckpt, model_cfg, method, process)
         out[method] = sum(minimum_parts(sizes, cfg.n_buffers).values())
     return out
 
