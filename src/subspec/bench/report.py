@@ -78,6 +78,7 @@ def _spec_figures(per_prompt: list[GenerationStats], runtime) -> dict:
         "depth": sum(depths) / len(depths) if depths else 0.0,
         "width": sum(widths) / len(widths) if widths else 0.0,
         "accept_lengths": [a for x in specs for a in x.accept_lengths],
+        "depths": depths,  # each round's, beside its accepted length
         "round_parts": [r for x in specs for r in x.rounds],
     }
 
