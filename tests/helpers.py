@@ -253,4 +253,4 @@ class FakeRuntime:
             self.active -= 1
 
     def memory_stats(self):
-        return MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, {})
+        return MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, 0, {})

@@ -99,7 +99,7 @@ def test_ctrl_c_before_any_text_forgets_the_question(monkeypatch, capsys):
 
 
 def test_stat_line():
-    memory = MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, {})
+    memory = MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, 0, {})
     stats = GenerationStats("vanilla", 3, 5, 0.1, 0.4, 12.345, 4, 0, memory)
     assert stat_line(Event("", [], "stop", stats)) == "[5 tokens, 12.35 tok/s]"
     spec = replace(

@@ -59,6 +59,7 @@ def test_peak_rss_within_budget_on_a_real_model(smollm2_dir):
     assert stats["placement"]["streamed_layers"], "the budget should make layers stream"
     assert stats["placement"]["breakdown"]["process"] >= stats["rss_before_load_bytes"]
     assert stats["peak_rss_bytes"] <= 1.05 * budget
+    assert stats["load_peak_rss_bytes"] <= 1.05 * budget
 
 
 @needs_cgroups

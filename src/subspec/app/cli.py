@@ -113,7 +113,8 @@ def cmd_generate(args) -> None:
         print()
         if args.verbose:
             print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s, "
-                  f"peak RSS {format_size(s.peak_rss_bytes)}]", file=sys.stderr)  # fmt: skip
+                  f"peak RSS {format_size(s.peak_rss_bytes)}, loading "
+                  f"{format_size(s.memory.load_peak_rss_bytes)}]", file=sys.stderr)  # fmt: skip
 
 
 def cmd_models(args) -> None:

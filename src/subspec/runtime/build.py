@@ -8,6 +8,7 @@ slow tier is disk on a CPU machine or pinned host RAM on a CUDA machine.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from subspec.kernels import residual
 from subspec.memory import (
     current_rss_bytes,
     fast_memory_budget,
+    peak_rss_bytes,
     release_free_memory,
 )
 from subspec.model.checkpoint import EMBED, FINAL_NORM, Checkpoint, lm_head_name
@@ -70,6 +72,8 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
     model_cfg = ModelConfig.from_dir(model_dir)
     cfg = resolve_context(cfg, model_cfg)
     tokenizer = load_tokenizer(model_dir)
+    gc.collect()  # what an earlier runtime in this process left (bench) is not overhead
+    release_free_memory()
     rss_before_load = current_rss_bytes()  # fixed overhead: torch, tokenizer, ...
     process = process_bytes(cfg, rss_before_load)
     with Checkpoint(model_dir) as ckpt:  # headers only: refuse an impossible plan before loading
@@ -88,6 +92,7 @@ def build_runtime(cfg: RuntimeConfig, progress: bool = True) -> Runtime:
         cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer,
         eos_ids=_eos_ids(model_cfg, tokenizer), placement=loaded.placement,
         target=loaded.model, streaming=loaded.streaming, rss_before_load=rss_before_load,
+        load_peak_rss=peak_rss_bytes(),
         drafters=drafters,
     )  # fmt: skip
 

@@ -62,6 +62,7 @@ class Runtime:
     target: PlacedModel
     streaming: Streaming | None  # None when everything is resident
     rss_before_load: int
+    load_peak_rss: int  # peak RSS through loading and preparation (quantizing, writing files)
     drafters: dict[str, Drafter] = field(default_factory=dict)  # method -> its draft
     _closed: bool = False
 
@@ -115,6 +116,7 @@ class Runtime:
             memory_budget_bytes=p.budget_bytes,
             resident_bytes=p.resident_bytes,
             rss_before_load_bytes=self.rss_before_load,
+            load_peak_rss_bytes=self.load_peak_rss,
             placement=p.to_dict(),
         )
 

@@ -16,6 +16,7 @@ class MemoryStats:
     memory_budget_bytes: int | None
     resident_bytes: int
     rss_before_load_bytes: int  # fixed overhead: torch, tokenizer, ... before any weights
+    load_peak_rss_bytes: int  # the process's peak through loading and preparing the weights
     placement: dict
 
 
