@@ -524,17 +524,19 @@ def test_lm_head_chunk_files_and_streamed_head(tmp_path):
     head = torch.randn(cfg.vocab_size, cfg.hidden_size)  # [V, H]
     calls = []
 
-    def load_head():
-        calls.append(1)
-        return head
+    def head_rows(a, b):
+        calls.append((a, b))
+        return head[a:b]
 
     rows = head_chunk_rows(cfg, torch.float32)
-    manifests = ensure_head_files(load_head, cfg, torch.float32, 3, tmp_path, None)
+    manifests = ensure_head_files(head_rows, cfg, torch.float32, 3, tmp_path, None)
     assert list(manifests) == list(range(3, 3 + -(-cfg.vocab_size // rows)))
-    assert len(manifests) > 1 and calls == [1]  # several chunks, the head loaded once
-    assert ensure_head_files(load_head, cfg, torch.float32, 3, tmp_path, None).keys() == (
+    # several chunks, each read as its own rows: the head is never whole in memory
+    assert len(manifests) > 1 and len(calls) == len(manifests)
+    assert all(b - a <= rows for a, b in calls)
+    assert ensure_head_files(head_rows, cfg, torch.float32, 3, tmp_path, None).keys() == (
         manifests.keys()
-    ) and calls == [1]  # cached: not loaded again
+    ) and len(calls) == len(manifests)  # cached: not read again
     store = DiskStore(tmp_path, manifests)
     with Prefetcher(store, list(manifests)) as pf:
         streamed = StreamedHead(StreamedLayers(pf, manifests), list(manifests))

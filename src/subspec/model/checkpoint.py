@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from subspec.errors import SubspecError
-from subspec.files import read_safetensors_header
+from subspec.files import SafetensorsFile, read_safetensors_header
 from subspec.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -82,17 +81,22 @@ class Checkpoint:
         return name in self.file_of
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """One tensor, converted to dtype, in ordinary (non-mapped) memory."""
+        """One tensor, converted to dtype, in a tensor of its own (read, not mapped)."""
+        return self.get_rows(name, 0, None, dtype)
+
+    def get_rows(self, name: str, start: int, end: int | None, dtype) -> torch.Tensor:
+        """Rows [start, end) of a tensor (to its end for None), converted to dtype: only they
+        are read (the LM head quantized or written in chunks is never whole in memory)."""
         path = self.file_of.get(name)
         if path is None:
             raise SubspecError(f"checkpoint {self.model_dir} has no tensor {name}")
         try:
             if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            t = self._handles[path].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+                self._handles[path] = SafetensorsFile(path)
+            t = self._handles[path].get_rows(name, start, end)
+        except (OSError, KeyError, SubspecError) as e:
             raise SubspecError(f"corrupted or truncated checkpoint file {path}: {e}") from None
-        return t.to(dtype=dtype, copy=True).contiguous()
+        return t if t.dtype == dtype else t.to(dtype)
 
     def rows(self, name: str) -> tuple[np.memmap, torch.dtype]:
         """A read-only memory map of a 2-D tensor (for embedding rows read on demand)."""
@@ -116,7 +120,9 @@ class Checkpoint:
         return arr, dtype
 
     def close(self) -> None:
-        """Drop the file handles (and their memory maps)."""
+        """Close the file handles."""
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def __enter__(self) -> Checkpoint:

@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from subspec.files import atomic_output
-from subspec.quant.linear import QuantLinear, bitpack, bitunpack
+from subspec.errors import SubspecError
+from subspec.files import SafetensorsFile, atomic_output
+from subspec.memory import release_free_memory
+from subspec.quant.linear import Bitpacked, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def save_quantized(path: str | os.PathLike, layers: dict[str, QuantLinear], meta
     """
     tensors, shapes = {}, {}
     for name, layer in layers.items():
-        tensors[f"{name}.qweight"] = bitpack(layer.unpacked(), layer.bits).cpu()
+        tensors[f"{name}.qweight"] = layer.bitpacked().cpu()
         tensors[f"{name}.scales_and_zeros"] = layer.scales_and_zeros.cpu()
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.cpu()
@@ -59,27 +60,28 @@ def load_quantized(
         return None
     try:
         return _load(path, expected_meta, torch.device(device))
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+    except (SubspecError, OSError, ValueError, KeyError) as exc:
         log.warning("rebuilding %s: the cached file is unusable (%s)", path, exc)
         return None
+    finally:
+        release_free_memory()  # the file's bytes and unpacked values, freed but kept by malloc
 
 
 def _load(path: Path, expected_meta: dict, device: torch.device) -> dict[str, QuantLinear] | None:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    with SafetensorsFile(path) as f:  # read, not mapped: only the tensors count in RSS
+        metadata = f.metadata
         if metadata.get("meta") != _meta_json(expected_meta):
             log.warning("rebuilding %s: it was built for other settings", path)
             return None
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: f.get(key) for key in f.keys()}
     if metadata["checksum"] != _checksum(metadata, tensors):
         raise ValueError("checksum mismatch")
     layers = {}
-    for name, (out_f, in_f, bits, group_size) in json.loads(metadata["layers"]).items():
-        q = bitunpack(tensors[f"{name}.qweight"].to(device), bits).view(out_f, in_f)
-        # copies: a view would keep the whole file mapped (and counted in RSS) for good
-        sz = tensors[f"{name}.scales_and_zeros"].to(device, copy=True)
+    for name, (_, in_f, bits, group_size) in json.loads(metadata["layers"]).items():
+        q = Bitpacked(tensors.pop(f"{name}.qweight").to(device), bits, in_f)
+        sz = tensors[f"{name}.scales_and_zeros"].to(device)
         bias = tensors.get(f"{name}.bias")
-        bias = None if bias is None else bias.to(device, copy=True)
+        bias = None if bias is None else bias.to(device)
         layers[name] = QuantLinear(q, sz, bias, bits=bits, group_size=group_size)
     return layers
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,22 +23,46 @@ def quantize_linear(
     compute_dtype: torch.dtype = torch.bfloat16,
     optimize: bool = True,
 ) -> QuantLinear:
-    """Quantize ``weight[out, in]`` with data-free HQQ (groups along ``in``) into a QuantLinear.
+    """Quantize ``weight[out, in]`` with data-free HQQ (groups along ``in``) into a QuantLinear
+    on ``weight``'s device (quantize_rows)."""
+    return quantize_rows(
+        lambda a, b: weight[a:b], weight.shape, bias, bits=bits, group_size=group_size,
+        compute_dtype=compute_dtype, optimize=optimize, device=weight.device,
+    )  # fmt: skip
+
+
+def quantize_rows(
+    read_rows: Callable[[int, int], Tensor],
+    shape: tuple[int, int],
+    bias: Tensor | None,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    optimize: bool = True,
+    device: torch.device | str = "cpu",
+) -> QuantLinear:
+    """Quantize a weight of ``shape`` [out, in] that ``read_rows(a, b)`` gives a block of rows
+    at a time (``weight[a:b]``): it is never whole in memory.
 
     HQQ fits scales and zero points (kernels/hqq.py); ``q`` is then re-rounded against those
     parameters as stored in ``compute_dtype`` so that storage rounding does not add error. Rows
     are processed in chunks of about 16 M weights, as subspec has always called hqq: the
-    solver's early stop looks at a chunk's mean error. The result lives on ``weight``'s device.
+    solver's early stop looks at a chunk's mean error.
     """
-    out_features, in_features = weight.shape
+    out_features, in_features = shape
     _check_config(in_features, bits, group_size)
-    rows = max(1, _QUANT_CHUNK_ELEMENTS // in_features)
-    parts = [
-        _quantize_rows(chunk, bits, group_size, compute_dtype, optimize)
-        for chunk in weight.split(rows)
-    ]
-    q = torch.cat([p[0] for p in parts])  # [out, in] uint8
-    scales_and_zeros = torch.cat([p[1] for p in parts], dim=1)  # [in / g, out, 2]
+    q = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
+    # [in / g, out, 2]: (scale, zero) pairs
+    scales_and_zeros = torch.empty(in_features // group_size, out_features, 2,
+                                   dtype=compute_dtype, device=device)  # fmt: skip
+    step = max(1, _QUANT_CHUNK_ELEMENTS // in_features)
+    for a in range(0, out_features, step):
+        b = min(a + step, out_features)
+        q[a:b], scale, zero = hqq.quantize(read_rows(a, b), bits, group_size, compute_dtype,
+                                           optimize)  # fmt: skip
+        scales_and_zeros[:, a:b, 0] = scale.T  # scale, zero: [rows, in / g]
+        scales_and_zeros[:, a:b, 1] = zero.T
     bias = None if bias is None else bias.to(compute_dtype)
     return QuantLinear(q, scales_and_zeros, bias, bits=bits, group_size=group_size)
 
@@ -48,12 +74,3 @@ def _check_config(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(
             f"group_size={group_size} must be a multiple of 8 dividing in_features={in_features}"
         )
-
-
-def _quantize_rows(
-    w: Tensor, bits: int, group_size: int, dtype: torch.dtype, optimize: bool
-) -> tuple[Tensor, Tensor]:
-    """HQQ on a block of rows ``w[rows, in]`` -> (q[rows, in] uint8, scales_and_zeros)."""
-    q, scale, zero = hqq.quantize(w, bits, group_size, dtype, optimize)  # [rows, in / g] each
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [in / g, rows, 2]
-    return q, scales_and_zeros

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,30 @@ from subspec.sizes import BITPACK_SCRATCH_ELEMENTS, INT4_GROUP_SIZES, int4_cuda_
 log = logging.getLogger(__name__)
 
 _UNPACK_EYE_ROWS = 1024
+_PACK_CHUNK_BYTES = 8 << 20  # values packed into the int4_vnni layout at a time
+
+
+@dataclass(frozen=True)
+class Bitpacked:
+    """Quantized values in the cache's ``bitpack`` form, unpacked a block of rows at a time
+    where QuantLinear packs them for the int4_vnni kernel, so that loading never holds a whole
+    layer's unpacked values (the 7B's draft head: 545 MB) beside its packed ones."""
+
+    data: Tensor  # [out, in * bits / 8] uint8
+    bits: int
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def rows(self, start: int, end: int) -> Tensor:
+        """``q[start:end]`` uint8."""
+        return bitunpack(self.data[start:end], self.bits).view(-1, self.in_features)
 
 
 class QuantLinear(nn.Module):
@@ -62,14 +87,15 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self,
-        q: Tensor,
+        q: Tensor | Bitpacked,
         scales_and_zeros: Tensor,
         bias: Tensor | None,
         *,
         bits: int,
         group_size: int,
     ) -> None:
-        """Build from unpacked values ``q[out, in]`` (uint8) and ``scales_and_zeros``."""
+        """Build from the values ``q[out, in]`` (uint8, or as the cache stores them) and
+        ``scales_and_zeros``."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size = bits, group_size
@@ -104,6 +130,18 @@ class QuantLinear(nn.Module):
         """The quantized values ``q[out, in]`` as uint8."""
         return _UNPACK[self.layout](self.qdata, self)
 
+    def bitpacked(self) -> Tensor:
+        """The values in the cache's ``bitpack`` form ``[out, in * bits / 8]``; from the
+        int4_vnni layout a block of tiles at a time (no whole unpacked copy)."""
+        if self.layout != "int4_vnni":
+            return bitpack(self.unpacked(), self.bits)
+        out = torch.empty(self.out_features, self.in_features * self.bits // 8, dtype=torch.uint8)
+        step = max(1, _PACK_CHUNK_BYTES // (16 * self.in_features))  # tiles at a time
+        for t in range(0, self.qdata.shape[0], step):
+            q = _unpack_int4_vnni(self.qdata[t : t + step], self)  # [16 tiles, in]
+            out[16 * t : 16 * t + q.shape[0]] = bitpack(q, self.bits)
+        return out
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Reference weight ``[out, in]``: ``(q - off) * s + z`` computed in float32."""
         return _dequantize(self.unpacked(), self, torch.float32).to(dtype)
@@ -133,12 +171,16 @@ class QuantLinear(nn.Module):
         self.bias = None if self.bias is None else self.bias.to(device)
         self._pack(q, sz)
 
-    def _pack(self, q: Tensor, scales_and_zeros: Tensor) -> None:
+    def _pack(self, q: Tensor | Bitpacked, scales_and_zeros: Tensor) -> None:
         """Choose the layout for ``q``'s device and pack ``q`` (and for int4_vnni the scales)."""
         self.layout = _choose_layout(self, q.device)
         if self.layout == "int4_vnni":
-            self.qdata, self._scales_and_zeros = _pack_int4_vnni(q, scales_and_zeros, self), None
+            rows = q.rows if isinstance(q, Bitpacked) else lambda a, b: q[a:b]
+            self.qdata = _pack_int4_vnni(rows, scales_and_zeros, self)
+            self._scales_and_zeros = None
         else:
+            if isinstance(q, Bitpacked):
+                q = q.rows(0, self.out_features)
             self._scales_and_zeros = scales_and_zeros  # [in / g, out, 2]
             self.qdata = _PACK[self.layout](q, self)
 
@@ -348,19 +390,29 @@ def _matmul_int4_cpu(x: Tensor, m: QuantLinear) -> Tensor:
     return torch._weight_int4pack_mm_for_cpu(x, packed, m.group_size, m.scales_and_zeros)
 
 
-def _pack_int4_vnni(q: Tensor, scales_and_zeros: Tensor, m: QuantLinear) -> Tensor:
-    """``q[out, in]`` and ``scales_and_zeros[in / g, out, 2]`` -> ``[out / 16, in / g, 8 g + 64]``
-    uint8 (csrc/int4_vnni.c): per tile of 16 rows and group, the values, byte ``(c, r, j)``
+def _pack_int4_vnni(
+    rows: Callable[[int, int], Tensor], scales_and_zeros: Tensor, m: QuantLinear
+) -> Tensor:
+    """``q[out, in]`` (``rows(a, b)`` = ``q[a:b]``, taken a block at a time) and
+    ``scales_and_zeros[in / g, out, 2]`` -> ``[out / 16, in / g, 8 g + 64]`` uint8
+    (csrc/int4_vnni.c): per tile of 16 rows and group, the values, byte ``(c, r, j)``
     ``= q[16 t + r, 8 c + j] | q[16 t + r, 8 c + 4 + j] << 4``, then the 16 rows' (s, z)."""
     n, k, g = m.out_features, m.in_features, m.group_size
-    tiles = q.view(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [t, c, r, half, j]
-    values = (tiles[:, :, :, 0] | tiles[:, :, :, 1] << 4).reshape(n // 16, k // g, 8 * g)
-    pairs = scales_and_zeros.view(k // g, n // 16, 16, 2).transpose(0, 1).contiguous()
-    return torch.cat([values, pairs.view(torch.uint8).view(n // 16, k // g, 64)], dim=2)
+    out = torch.empty(n // 16, k // g, 8 * g + 64, dtype=torch.uint8)
+    pairs = scales_and_zeros.view(k // g, n // 16, 16, 2).transpose(0, 1)  # [t, in / g, 16, 2]
+    out[..., 8 * g :] = pairs.contiguous().view(torch.uint8).view(n // 16, k // g, 64)
+    step = max(1, _PACK_CHUNK_BYTES // (16 * k))  # tiles at a time: bounded temporaries
+    for t in range(0, n // 16, step):
+        chunk = rows(16 * t, 16 * (t + step))
+        tiles = chunk.view(-1, 16, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [t, c, r, half, j]
+        values = tiles[:, :, :, 0] | tiles[:, :, :, 1] << 4  # [t, c, r, j]
+        out[t : t + step, :, : 8 * g] = values.reshape(-1, k // g, 8 * g)
+    return out
 
 
 def _unpack_int4_vnni(qdata: Tensor, m: QuantLinear) -> Tensor:
-    n, k, g = m.out_features, m.in_features, m.group_size
+    """``qdata`` (all of m's tiles, or a slice of them) -> ``q[16 tiles, in]``."""
+    n, k, g = 16 * qdata.shape[0], m.in_features, m.group_size
     tiles = qdata[..., : 8 * g].reshape(n // 16, k // 8, 16, 1, 4)  # [t, c, r, 1, j]
     halves = torch.cat([tiles & 15, tiles >> 4], dim=3)  # [t, c, r, half, j]
     return halves.permute(0, 2, 1, 3, 4).reshape(n, k)

@@ -145,9 +145,9 @@ class Builder:
         self.subspec = "subspec" in cfg.methods
         # layer files and substitutes of this checkpoint at this dtype
         self.cache_dir = cache_root() / "offload" / f"{fingerprint(ckpt)}-{cfg.dtype}"
-        # the full LM head [V, H], read from the checkpoint at most once: to keep it resident,
-        # or to build its chunk files or the draft's low-bit copy when those are not cached
-        self.load_head = functools.cache(functools.partial(ckpt.get, self.head_name, self.dtype))
+        # rows [a, b) of the LM head [V, H]: its chunk files and the draft's low-bit copy are
+        # built a block of rows at a time, never from the whole head in memory
+        self.head_rows = functools.partial(ckpt.get_rows, self.head_name, dtype=self.dtype)
 
     def load(self, extra_bytes: int = 0) -> Loaded:
         """Plan for the budget, then load what is resident and prepare what streams; in
@@ -169,9 +169,10 @@ class Builder:
         budget = fast_memory_budget(cfg.memory_budget, self.device)
         sizes = model_sizes(cfg, self.ckpt, m, extra_bytes, self.process)
         placement = plan(sizes, budget, cfg.n_buffers)
-        substitutes = None
-        if self.subspec and placement.streamed_layers:
+        substitutes = draft_head = None
+        if self.subspec and placement.streamed_layers:  # first: little else is in memory yet
             substitutes = self._substitutes(placement)
+            draft_head = self._draft_head()
         streaming, streamed_head = None, None
         if placement.streamed_layers:  # before the resident layers: residual form may fail
             rebuilt_from = substitutes if residual_streams(cfg, m) else None
@@ -179,7 +180,9 @@ class Builder:
         resident = load_resident(
             self.ckpt, m, placement.resident_layers, self.dtype, self.device, cfg.exact
         )
-        lm_head = self.load_head().to(self.device) if placement.lm_head_resident else None
+        lm_head = None
+        if placement.lm_head_resident:
+            lm_head = self.ckpt.get(self.head_name, self.dtype).to(self.device)
         final_norm = self.ckpt.get(FINAL_NORM, self.dtype).to(self.device)
         embed = self._embedding(placement, lm_head)
         head = streamed_head
@@ -192,7 +195,7 @@ class Builder:
         placed = PlacedModel(model, LayerSource(resident, m.num_layers, streamed), cache)
         drafter = None
         if self.subspec:
-            drafter = self._shared_drafter(placed, resident, substitutes)
+            drafter = self._shared_drafter(placed, resident, substitutes, draft_head)
         return Loaded(placement, placed, streaming, drafter)
 
     def _plain_stream(self) -> Builder:
@@ -225,7 +228,7 @@ class Builder:
             rebuild = Rebuild(substitutes, largest)
         head = {}
         if not placement.lm_head_resident:
-            head = head_sources(self.load_head, m, self.dtype, m.num_layers,
+            head = head_sources(self.head_rows, m, self.dtype, m.num_layers,
                                 placement.buffer_bytes)  # fmt: skip
         store = self._slow_store(sources, head, directory)
         head_units = list(head)
@@ -261,12 +264,14 @@ class Builder:
     def _substitutes_dir(self) -> Path:
         return self.cache_dir / f"substitutes-{self._quant_tag(self.cfg.spec.bits)}"
 
-    def _shared_drafter(self, target: PlacedModel, resident, substitutes: dict | None):
-        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones."""
+    def _shared_drafter(self, target: PlacedModel, resident, substitutes: dict | None,
+                        draft_head) -> SharedDrafter:  # fmt: skip
+        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones, and
+        `draft_head` (None: the target's LM head)."""
         if not substitutes:
             return SharedDrafter(target, LayerSource(resident, self.model_cfg.num_layers))
         layers = LayerSource({**resident, **substitutes}, self.model_cfg.num_layers)
-        return SharedDrafter(target, layers, self._draft_head())
+        return SharedDrafter(target, layers, draft_head)
 
     def _draft_head(self):
         spec, m = self.cfg.spec, self.model_cfg
@@ -274,7 +279,7 @@ class Builder:
             return None  # share the target's head
         path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}.safetensors"
         shape = (m.vocab_size, m.hidden_size)
-        return load_draft_head(self.load_head, shape, self.dtype, self.device, spec, path,
+        return load_draft_head(self.head_rows, shape, self.dtype, self.device, spec, path,
                                self.bars)  # fmt: skip
 
     def _quant_tag(self, bits: int) -> str:

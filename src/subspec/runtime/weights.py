@@ -14,6 +14,7 @@ from subspec import quant
 from subspec.errors import SubspecError
 from subspec.files import safetensors_fingerprint
 from subspec.kernels import residual
+from subspec.memory import release_free_memory
 from subspec.model.checkpoint import Checkpoint, layer_norms, layer_tensors
 from subspec.model.config import ModelConfig
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense_layer, substitute_layer
@@ -93,16 +94,15 @@ def head_chunk_rows(cfg: ModelConfig, dtype: torch.dtype, buffer_bytes: int | No
     return (buffer_bytes or layer_nbytes(cfg, dtype)) // (cfg.hidden_size * itemsize(dtype))
 
 
-def head_sources(load_head, cfg, dtype, first_unit: int, buffer_bytes: int | None = None) -> dict:
+def head_sources(head_rows, cfg, dtype, first_unit: int, buffer_bytes: int | None = None) -> dict:
     """{unit: a function returning one chunk {"weight": [rows, H]} of the LM head}, numbered
     from `first_unit`, each fitting a staging buffer of `buffer_bytes` (see head_chunk_rows);
-    `load_head()` (the whole head [V, H]) is called at most once."""
+    `head_rows(a, b)` reads the head's rows [a, b) (it is never whole in memory)."""
     rows = head_chunk_rows(cfg, dtype, buffer_bytes)
-    load_once = functools.cache(load_head)
 
     def chunk(unit: int) -> dict[str, torch.Tensor]:
         start = (unit - first_unit) * rows
-        return {"weight": load_once()[start : start + rows]}  # [rows, H]
+        return {"weight": head_rows(start, min(start + rows, cfg.vocab_size))}  # [rows, H]
 
     n_chunks = -(-cfg.vocab_size // rows)
     units = range(first_unit, first_unit + n_chunks)
@@ -115,10 +115,10 @@ def ensure_layer_files(ckpt, cfg, layers, dtype, directory: Path, progress: Prog
     return ensure_files(directory, sources, "writing layer files", progress)
 
 
-def ensure_head_files(load_head, cfg, dtype, first_unit: int, directory: Path, progress):
-    """Write the LM head [V, H] (from `load_head()`, called only if a file is missing) as
-    chunk files numbered from `first_unit`; returns {unit: manifest}."""
-    sources = head_sources(load_head, cfg, dtype, first_unit)
+def ensure_head_files(head_rows, cfg, dtype, first_unit: int, directory: Path, progress):
+    """Write the LM head [V, H] (rows [a, b) from `head_rows(a, b)`, read only for missing
+    files) as chunk files numbered from `first_unit`; returns {unit: manifest}."""
+    sources = head_sources(head_rows, cfg, dtype, first_unit)
     return ensure_files(directory, sources, "writing LM head chunks", progress)
 
 
@@ -139,6 +139,7 @@ def ensure_files(directory: Path, sources: dict, label: str, progress) -> dict:
     task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
         manifests[i] = write_layer_file(layer_path(directory, i), sources[i]())
+        release_free_memory()  # a layer's temporaries: malloc would keep them in RSS
         if task is not None and progress:
             progress.advance(task)
     return manifests
@@ -168,6 +169,7 @@ def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, pr
         directory.mkdir(parents=True, exist_ok=True)
         quant.save_quantized(directory / f"layer_{i:05d}.safetensors", linears, meta)
         cached[i] = {name: linear.to(device) for name, linear in linears.items()}
+        release_free_memory()
         if task is not None and progress:
             progress.advance(task)
     return {
@@ -195,17 +197,21 @@ def _quantize(weight, bias, spec, bits, dtype):
                                  compute_dtype=dtype, optimize=spec.hqq_optimize)  # fmt: skip
 
 
-def load_draft_head(load_weight, shape, dtype, device, spec, path, progress):
-    """The draft's LM head: a low-bit copy of the weight [V, H] = `shape` that `load_weight()`
-    returns (called only when the copy cached at `path` is missing or stale)."""
+def load_draft_head(head_rows, shape, dtype, device, spec, path, progress):
+    """The draft's LM head: a low-bit copy of the weight [V, H] = `shape` whose rows [a, b)
+    `head_rows(a, b)` reads (only when the copy cached at `path` is missing or stale)."""
     meta = {"shape": str(tuple(shape)), **_quant_meta(spec, spec.head_bits, dtype)}
     head = quant.load_quantized(path, meta, device)
     if head is not None:
         return head["lm_head"]
     task = progress and progress.add_task("quantizing the draft LM head", total=1)
-    # on the CPU: quantizing on the device would need 3-4x the head's size in temporaries
-    head = _quantize(load_weight().cpu(), None, spec, spec.head_bits, dtype)
+    # on the CPU, a chunk of rows at a time: the head is never whole in memory
+    head = quant.quantize_rows(
+        lambda a, b: head_rows(a, b).cpu(), shape, None, bits=spec.head_bits,
+        group_size=spec.group_size, compute_dtype=dtype, optimize=spec.hqq_optimize,
+    )  # fmt: skip
     quant.save_quantized(path, {"lm_head": head}, meta)
+    release_free_memory()
     if task is not None and progress:
         progress.advance(task)
     return head.to(device)
