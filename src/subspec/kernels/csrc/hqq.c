@@ -107,9 +107,10 @@ static void store_group(const float *x, int g, float scale, float zero, float of
     }
 }
 
-// one proximal step on one group: its new zero point, its sum of |W - R| added to *err
+// one proximal step on one group: its new zero point; its sum of |W - R| is added to the
+// row's error lanes err[0..15] (lane 0 here)
 static float step_scalar(const float *x, int g, float inv, float z, const Solver *s,
-                         double *err) {
+                         float *err) {
     float err_sum = 0.0f, acc = 0.0f;
     for (int j = 0; j < g; j++) {
         const float t = x[j] * inv;
@@ -121,7 +122,7 @@ static float step_scalar(const float *x, int g, float inv, float z, const Solver
         const float kept = x[j] - e;
         acc += q - kept * inv;
     }
-    *err += err_sum;
+    err[0] += err_sum;
     return acc / (float)g;
 }
 
@@ -130,13 +131,16 @@ static float step_scalar(const float *x, int g, float inv, float z, const Solver
 
 AVX512 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// step_scalar for g % 16 == 0, 16 weights a vector; lanes near the shrink's threshold
-// (rare) make the group go through step_scalar, which gives the same result
+// step_scalar for g % 16 == 0, 16 weights a vector, the error added lane by lane; lanes
+// near the shrink's threshold (rare) make the group go through step_scalar instead, which
+// gives the same zero point
 AVX512 static float step_avx512(const float *x, int g, float inv, float z, const Solver *s,
-                                double *err) {
+                                float *err) {
     const __m512 vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
     const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(s->max_q);
-    __m512 err_v = _mm512_setzero_ps(), acc = _mm512_setzero_ps(), far = _mm512_setzero_ps();
+    const __m512 shrink_at = _mm512_set1_ps(s->shrink_at);
+    __m512 err_v = _mm512_setzero_ps(), acc = _mm512_setzero_ps();
+    __mmask16 far = 0;
     for (int j = 0; j < g; j += 16) {
         const __m512 xv = _mm512_loadu_ps(x + j);
         const __m512 t = _mm512_mul_ps(xv, vinv);
@@ -146,11 +150,11 @@ AVX512 static float step_avx512(const float *x, int g, float inv, float z, const
         const __m512 d = _mm512_sub_ps(xv, _mm512_div_ps(_mm512_sub_ps(q, vz), vinv));
         const __m512 a = _mm512_abs_ps(d);
         err_v = _mm512_add_ps(err_v, a);
-        far = _mm512_max_ps(far, a);
+        far |= _mm512_cmp_ps_mask(a, shrink_at, _CMP_GT_OQ);
         acc = _mm512_add_ps(acc, _mm512_sub_ps(q, t));  // (W - 0) i == W i
     }
-    if (_mm512_reduce_max_ps(far) > s->shrink_at) return step_scalar(x, g, inv, z, s, err);
-    *err += hsum(err_v);
+    if (far) return step_scalar(x, g, inv, z, s, err);
+    _mm512_storeu_ps(err, _mm512_add_ps(_mm512_loadu_ps(err), err_v));
     return hsum(acc) / (float)g;
 }
 
@@ -166,6 +170,19 @@ AVX512 static int start_avx512(const float *x, int g, const Solver *s, float *in
     }
     if (isnan(_mm512_reduce_add_ps(bad))) return E_NONFINITE;
     return finish_start(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), s, inv, zero);
+}
+
+// load_group for g % 16 == 0
+AVX512 static void load_avx512(const void *w, int in_dtype, int64_t start, int g, float *out) {
+    if (in_dtype != IN_BF16) {
+        memcpy(out, (const float *)w + start, (size_t)g * sizeof(float));
+        return;
+    }
+    const uint16_t *src = (const uint16_t *)w + start;
+    for (int j = 0; j < g; j += 16) {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + j)));
+        _mm512_storeu_ps(out + j, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
 }
 
 // store_group for g % 16 == 0
@@ -185,6 +202,7 @@ AVX512 static void store_avx512(const float *x, int g, float scale, float zero, 
 
 static int has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 #else
+#define load_avx512 load_group
 #define step_avx512 step_scalar
 #define start_avx512 start_group
 #define store_avx512 store_group
@@ -193,14 +211,16 @@ static int has_avx512(void) { return 0; }
 
 // the per-group work, vectorized or not
 typedef struct {
+    void (*load)(const void *, int, int64_t, int, float *);
     int (*start)(const float *, int, const Solver *, float *, float *);
-    float (*step)(const float *, int, float, float, const Solver *, double *);
+    float (*step)(const float *, int, float, float, const Solver *, float *);
     void (*store)(const float *, int, float, float, float, const Solver *, uint8_t *);
 } GroupFns;
 
 static GroupFns group_fns(int g) {
-    if (g % 16 == 0 && has_avx512()) return (GroupFns){start_avx512, step_avx512, store_avx512};
-    return (GroupFns){start_group, step_scalar, store_group};
+    if (g % 16 == 0 && has_avx512())
+        return (GroupFns){load_avx512, start_avx512, step_avx512, store_avx512};
+    return (GroupFns){load_group, start_group, step_scalar, store_group};
 }
 
 // one sweep of proximal steps over all groups: zero_next, and the mean |W - R| as float
@@ -211,13 +231,15 @@ static float sweep(const void *w, int in_dtype, int64_t rows, int64_t cols, int 
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         float x[MAX_GROUP];
-        double e = 0.0;
+        float e[16] = {0};
         for (int64_t k = 0; k < per_row; k++) {
             const int64_t grp = r * per_row + k;
-            load_group(w, in_dtype, grp * g, g, x);
-            zero_next[grp] = fn->step(x, g, inv[grp], zero[grp], s, &e);
+            fn->load(w, in_dtype, grp * g, g, x);
+            zero_next[grp] = fn->step(x, g, inv[grp], zero[grp], s, e);
         }
-        row_err[r] = e;
+        double sum = 0.0;
+        for (int l = 0; l < 16; l++) sum += e[l];
+        row_err[r] = sum;
     }
     double total = 0.0;  // in row order: the same for any number of threads
     for (int64_t r = 0; r < rows; r++) total += row_err[r];
@@ -242,7 +264,7 @@ static void store(const void *w, int in_dtype, int64_t rows, int64_t cols, int g
             const float zv = to_out((off - zero[grp]) * sc, out_dtype);
             scale_out[grp] = sv;
             zero_out[grp] = zv;
-            load_group(w, in_dtype, grp * g, g, x);
+            fn->load(w, in_dtype, grp * g, g, x);
             fn->store(x, g, sv, zv, off, s, q + grp * g);
         }
     }
@@ -282,7 +304,7 @@ int subspec_hqq_quantize(const void *w, int in_dtype, int64_t rows, int64_t cols
             float x[MAX_GROUP];
             for (int64_t k = 0; k < per_row; k++) {
                 const int64_t grp = r * per_row + k;
-                load_group(w, in_dtype, grp * group, group, x);
+                fn.load(w, in_dtype, grp * group, group, x);
                 rc |= fn.start(x, group, &s, &inv[grp], &zero[grp]) ? 1 : 0;
             }
         }
