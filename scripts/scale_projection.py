@@ -34,20 +34,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("real", help="bench JSON of the real model")
     parser.add_argument("dummy", help="bench JSON of the dummy, run at a fixed --depth")
-    parser.add_argument("--method", default="subspec")
+    parser.add_argument("--real-method", default="subspec", help="its row in REAL.json")
+    parser.add_argument("--method", default="subspec", help="its row in DUMMY.json")
     args = parser.parse_args()
-    real = json.load(open(args.real))["results"][args.method]
+    real = json.load(open(args.real))["results"][args.real_method]
     dummy = json.load(open(args.dummy))["results"]
     spec, vanilla = dummy[args.method], dummy["vanilla"]
     depth = round(spec["depth"])
-    rounds = [r for r in spec["round_parts"]]
-    tau = 1 + sum(survival(real["depths"], real["accept_lengths"], depth))
+    rounds = spec["round_parts"]
+    accept = survival(real["depths"], real["accept_lengths"], depth)
+    tau = 1 + sum(accept)
     round_s = spec["round_s"]
     projected = tau / round_s
     print(json.dumps({
         "depth": depth,
         "rounds_measured": len(rounds),
         "tau_borrowed": round(tau, 3),
+        "p_accepted_at_least": [round(p, 3) for p in accept],
+        "real_rounds": len(real["depths"]),
         "round_s": round(round_s, 4),
         "stream_s_per_round": round(spec["stream_s_per_round"], 4),
         "draft_s_per_round": round(spec["draft_s_per_round"], 4),

@@ -48,18 +48,33 @@ def _balanced(tile: torch.Tensor, iters: int = 16):
     return best[1:]
 
 
-def sinq_dequantized(w: torch.Tensor, bits: int = 4, group: int = 64) -> torch.Tensor:
+def sinq_dequantized(w: torch.Tensor, bits: int = 4, group: int = 64, solver: str = "rtn"):
+    """SINQ's dual scales, each normalized tile rounded by min-max with an integer zero point
+    (`rtn`, SINQ's default) or by HQQ's solver (`hqq`, kernels/hqq.py)."""
+    from subspec.kernels import hqq
+
     w = w.float()
     out = torch.empty_like(w)
     top = 2**bits - 1
     for j in range(0, w.shape[1], group):
         t, row, col = _balanced(w[:, j : j + group])
-        lo, hi = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
-        scale = ((hi - lo) / top).clamp_min(1e-8)
-        zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(t / scale + zero), 0, top)
-        out[:, j : j + group] = (q - zero) * scale * row * col
+        if solver == "hqq":
+            q, scale, zero = hqq.quantize(t.contiguous(), bits, group, torch.float32)
+            tile = (q.float() - 8) * scale + zero
+        else:
+            lo, hi = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
+            scale = ((hi - lo) / top).clamp_min(1e-8)
+            zero = torch.round(-lo / scale)
+            tile = (torch.clamp(torch.round(t / scale + zero), 0, top) - zero) * scale
+        out[:, j : j + group] = tile * row * col
     return out
+
+
+def sinq_hqq_dequantized(w: torch.Tensor) -> torch.Tensor:
+    return sinq_dequantized(w, solver="hqq")
+
+
+QUANTIZERS = {"hqq": hqq_dequantized, "sinq": sinq_dequantized, "sinq-hqq": sinq_hqq_dequantized}
 
 
 def error(layers: list[int]) -> None:
@@ -76,12 +91,12 @@ def error(layers: list[int]) -> None:
             for name in ("qkv", "o", "gate_up", "down"):
                 w = t[f"{name}.weight"]
                 ref = w.float().norm()
-                e_h = (hqq_dequantized(w) - w.float()).norm() / ref
-                e_s = (sinq_dequantized(w) - w.float()).norm() / ref
-                rows.append({"layer": i, "linear": name, "hqq": round(e_h.item(), 5),
-                             "sinq": round(e_s.item(), 5)})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("hqq", "sinq")}
+                row = {"layer": i, "linear": name}
+                for method, quantize in QUANTIZERS.items():
+                    row[method] = round(((quantize(w) - w.float()).norm() / ref).item(), 5)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    mean = {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in QUANTIZERS}
     print(json.dumps({"mean_relative_error": mean}))
 
 
@@ -97,15 +112,15 @@ def tau(samples: int, max_new_tokens: int, depth: int) -> None:
     from subspec.runtime.generate import stream_generate
     from subspec.runtime.runtime import Request
 
-    os.environ["SUBSPEC_BUDGET_WEIGHTS_ONLY"] = "1"  # dense substitutes: more than a budget
+    os.environ["SUBSPEC_BUDGET_WEIGHTS_ONLY"] = "1"  # the weights alone place the layers
     spec = SpecConfig(bits=16, depth=depth, residual_stream=False, overlap=False)
-    cfg = RuntimeConfig(model=MODEL, memory_budget=1_300_000_000, methods=("subspec",),
+    cfg = RuntimeConfig(model=MODEL, memory_budget=3_100_000_000, methods=("subspec",),
                         spec=spec)  # fmt: skip
     runtime = build_runtime(cfg, progress=False)
     layers = runtime.drafters["subspec"].layers.resident
     prompts = [runtime.encode_prompt(p, chat=True) for p in load_prompts("mt-bench", samples)]
     model_dir = resolve_model(MODEL)
-    for method, quantize in (("hqq", hqq_dequantized), ("sinq", sinq_dequantized)):
+    for method, quantize in QUANTIZERS.items():
         with Checkpoint(model_dir) as ckpt:
             for i in runtime.placement.streamed_layers:
                 t = layer_tensors(ckpt, runtime.model_cfg, i, torch.bfloat16)
