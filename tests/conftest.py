@@ -1,14 +1,34 @@
-"""Shared fixtures: tiny random models built offline, and the real smollm2 pulled once."""
+"""Shared fixtures: tiny random models built offline, and the real smollm2 pulled once.
+
+The suite runs in a temporary $SUBSPEC_HOME, removed at the end, so that it leaves the user's
+cache as it found it: only converted models and prompt sets are shared with the user's cache
+(the default model is pulled there once, as the README's first command does)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import write_tiny_llama, write_tiny_qwen2
 
+from subspec.files import cache_root
 from subspec.hub import models as hub
+
+SHARED = ("models", "datasets")  # what the suite reads from the user's cache
+_USER_CACHE = cache_root()
+_HOME = Path(tempfile.mkdtemp(prefix="subspec-tests-"))
+for _name in SHARED:
+    (_USER_CACHE / _name).mkdir(parents=True, exist_ok=True)
+    (_HOME / _name).symlink_to(_USER_CACHE / _name, target_is_directory=True)
+os.environ["SUBSPEC_HOME"] = str(_HOME)  # subprocesses inherit it
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HOME, ignore_errors=True)  # the links go, not what they point to
+
 
 # Budgets of a few MB place the tiny models: the process's own ~0.4 GB and its working memory
 # are not counted in them (a test that wants them counted removes this); subprocesses inherit it.

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -254,3 +255,16 @@ class FakeRuntime:
 
     def memory_stats(self):
         return MemoryStats(0, 0.0, 0, 0.0, None, 0, 0, 0, {})
+
+
+def require_kernel(lib, name: str, x86_only: bool = True):
+    """`lib` (a loaded kernel library); else a skip where this machine cannot build kernels or
+    its CPU lacks the kernel's instructions, and a failure, with the compiler's message, where
+    it could build and the build failed: a broken kernel must not turn the suite green."""
+    from subspec.kernels import native
+
+    if lib is not None:
+        return lib
+    if (error := native.build_error(name)) is not None:
+        pytest.fail(f"the {name} kernel failed to build:\n{error}")
+    pytest.skip(native.cannot_build(x86_only) or f"this CPU cannot run the {name} kernel")

@@ -3,11 +3,20 @@ against its own torch fallback."""
 
 import pytest
 import torch
+from helpers import require_kernel
 
 from subspec.errors import SubspecError
 from subspec.kernels import hqq as K
+from subspec.kernels import native
 
-needs_native = pytest.mark.skipif(not K.available(), reason="the HQQ kernel does not build here")
+
+@pytest.fixture
+def kernel():
+    """The HQQ kernel: a skip where none can be built here, a failure where it should."""
+    return require_kernel(native.hqq(), "hqq", x86_only=False)
+
+
+needs_native = pytest.mark.usefixtures("kernel")
 
 
 def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

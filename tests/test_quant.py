@@ -1,9 +1,11 @@
 """Tests for HQQ substitutes: kernels against the dequantized reference, error, memory, cache."""
 
 import os
+import shutil
 
 import pytest
 import torch
+from helpers import require_kernel
 from safetensors.torch import save_file
 from torch import nn
 
@@ -13,9 +15,14 @@ from subspec import quant as Q
 from subspec.files import safetensors_fingerprint
 from subspec.kernels import native
 
-needs_vnni = pytest.mark.skipif(
-    native.int4_vnni() is None, reason="no AVX512-VNNI or AVX2 CPU, or no C compiler here"
-)
+
+@pytest.fixture
+def vnni():
+    """The int4 kernel: a skip where none can run here, a failure where it should."""
+    return require_kernel(native.int4_vnni(), "int4_vnni")
+
+
+needs_vnni = pytest.mark.usefixtures("vnni")
 
 
 @pytest.fixture
@@ -250,8 +257,22 @@ def test_fingerprint_tells_same_shaped_checkpoints_apart(tmp_path):
     other.parent.mkdir()
     save_file({"w": torch.ones(4, 4)}, other)
     assert safetensors_fingerprint([other]) != first
-    os.utime(shard, ns=(0, 0))  # rewritten in place: another modification time
-    assert safetensors_fingerprint([shard]) != first
+    save_file({"w": torch.zeros(4, 4).index_fill_(0, torch.tensor([2]), 1.0)}, shard)
+    assert safetensors_fingerprint([shard]) != first  # rewritten in place with other values
+
+
+def test_fingerprint_survives_touch_and_copy(tmp_path):
+    """A `touch` or a copy of the checkpoint keeps its caches (they cost minutes to rebuild)."""
+    shard = tmp_path / "a" / "model.safetensors"
+    shard.parent.mkdir()
+    save_file({"w": torch.randn(64, 64)}, shard)
+    first = safetensors_fingerprint([shard])
+    os.utime(shard, ns=(0, 0))
+    assert safetensors_fingerprint([shard]) == first
+    copy = tmp_path / "b" / "model.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(shard, copy)
+    assert safetensors_fingerprint([copy]) == first
 
 
 def test_cuda_layout_choice_and_held_bytes():

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import generate, make_runtime, minimum_budget, write_tiny
+from helpers import generate, make_runtime, minimum_budget, require_kernel, write_tiny
 
 from subspec import sizes
 from subspec.config import SamplingConfig, SpecConfig
@@ -21,12 +21,33 @@ from subspec.offload.layer_file import layer_path, plan_layout
 from subspec.quant.hqq import quantize_linear
 from subspec.runtime.weights import fingerprint, residual_dir, residual_sources
 
-codec = pytest.mark.skipif(
-    native.residual() is None or native.int4_vnni() is None,
-    reason="the residual codec or the int4 kernel does not build here",
-)
-simd = pytest.mark.skipif(not residual.has_simd(), reason="no AVX-512 (F, BW, VL, VBMI2) here")
-streams = pytest.mark.skipif(not residual.available(), reason="residual streaming is off here")
+
+@pytest.fixture
+def kernels():
+    """The residual codec and the int4 kernel: skips where they cannot run here, failures
+    where they should."""
+    require_kernel(native.int4_vnni(), "int4_vnni")
+    return require_kernel(native.residual(), "residual")
+
+
+codec = pytest.mark.usefixtures("kernels")
+
+
+@pytest.fixture
+def simd_codec(kernels):
+    """The codec's AVX-512 path (skipped where the CPU lacks it)."""
+    if not residual.has_simd():
+        pytest.skip("no AVX-512 (F, BW, VL, VBMI2) here")
+
+
+@pytest.fixture
+def residual_streaming(simd_codec):
+    """Residual streaming on (skipped where it is off here)."""
+    if not residual.available():
+        pytest.skip("residual streaming is off here")
+
+
+streams = pytest.mark.usefixtures("residual_streaming")
 SPEC = SpecConfig(depth=5, width=2)
 WIDE = {"hidden_size": 256, "intermediate_size": 512}  # head_dim 64, qkv bias
 PROMPTS = ("hello world", "this is a test")
@@ -63,8 +84,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @codec
 @pytest.mark.parametrize("out_f, in_f, group", [(48, 192, 64), (32, 256, 128), (1536, 64, 64)])
-@pytest.mark.parametrize("fast", [pytest.param(True, marks=simd), False], ids=["simd", "scalar"])
-def test_rebuilds_every_bit(out_f, in_f, group, fast):
+@pytest.mark.parametrize("fast", [True, False], ids=["simd", "scalar"])
+def test_rebuilds_every_bit(out_f, in_f, group, fast, request):
+    if fast:
+        request.getfixturevalue("simd_codec")
     w = _weight(out_f, in_f, out_f + in_f)
     sub = quantize_linear(w, None, bits=4, group_size=group, optimize=False)
     parts = residual.encode(w, sub)

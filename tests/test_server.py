@@ -182,3 +182,23 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir):
     assert text == plain["choices"][0]["message"]["content"]
     too_long = {**CHAT, "max_tokens": runtime.cfg.context}
     assert client.post("/v1/chat/completions", json=too_long).status_code == 400
+
+
+def test_server_caps_a_request_that_names_no_max_tokens():
+    """Without max_tokens a request would hold the only worker to the end of the context."""
+    engine = FakeRuntime(reply=list("abcdefghijklmnopqrstuvwxyz" * 4), context=4096)
+    client = TestClient(create_app(engine, "vanilla", max_tokens=5))
+    body = client.post("/v1/chat/completions", json=CHAT).json()
+    assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == (
+        "length"
+    )
+    named = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 12}).json()
+    assert named["usage"]["completion_tokens"] == 12  # a request's own max_tokens wins
+
+
+def test_at_most_four_stop_strings():
+    client = client_for()
+    ok = client.post("/v1/chat/completions", json={**CHAT, "stop": ["a", "b", "c", "d"]})
+    assert ok.status_code == 200
+    refused = client.post("/v1/chat/completions", json={**CHAT, "stop": list("abcde")})
+    assert refused.status_code == 400 and "at most 4 stop strings" in refused.text

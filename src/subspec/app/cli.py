@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait; more get HTTP 503")  # fmt: skip
     serve.add_argument("--max-request-bytes", default="1MiB",
                        help="largest request body; larger ones get HTTP 413")  # fmt: skip
+    serve.add_argument("--max-tokens", type=int, default=1024,
+                       help="tokens for a request that names no max_tokens (at most the rest "
+                       "of the context)")  # fmt: skip
 
     plan = add("plan", help="show each method's placement under a budget, reading no weights")
     model_args(plan)
@@ -73,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="show the catalogue and what is pulled")
     pull = msub.add_parser("pull", help="fetch and convert a model")
     pull.add_argument("name")
+
+    cache = add("cache", help="what the offload cache holds; delete what no checkpoint uses")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    csub.add_parser("list", help="each entry: its size, its model, its parts, orphan or not")
+    prune = csub.add_parser("prune", help="delete the orphans: entries of checkpoints that "
+                            "are gone or changed, or of another cache format")  # fmt: skip
+    prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     return parser
 
 
@@ -132,6 +142,27 @@ def cmd_models(args) -> None:
         print(f"{dummy.PREFIX + name:34} {state:11} {entry['config']['model_type']} (random)")
 
 
+def cmd_cache(args) -> None:
+    from subspec.config import format_size
+    from subspec.offload import cache_entries
+
+    if args.cache_command == "prune":
+        gone = cache_entries.prune(dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        for e in gone:
+            print(f"{verb} {e.path} ({format_size(e.bytes)}, {e.model}): {e.orphan_reason}")
+        total = format_size(sum(e.bytes for e in gone))
+        print(f"{verb} {len(gone)} orphaned entries, {total}")
+        return
+    found = cache_entries.entries()
+    for e in found:
+        state = f"orphan: {e.orphan_reason}" if e.orphan else "in use"
+        print(f"{format_size(e.bytes):>10}  {e.path.name}  {e.model}  [{', '.join(e.parts)}]  "
+              f"{state}")  # fmt: skip
+    total = format_size(sum(e.bytes for e in found))
+    print(f"{len(found)} entries under {cache_entries.offload_root()}, {total}")
+
+
 def cmd_chat(args) -> None:
     from subspec.app.chat import run_chat
 
@@ -145,9 +176,12 @@ def cmd_serve(args) -> None:
 
     if args.max_queue < 0:
         raise SubspecError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_tokens < 1:
+        raise SubspecError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     max_bytes = parse_size(args.max_request_bytes)
     with load_runtime(args) as runtime:  # settles args.method
-        serve(runtime, args.host, args.port, args.method, args.max_queue, max_bytes)
+        serve(runtime, args.host, args.port, args.method, args.max_queue, max_bytes,
+              args.max_tokens)  # fmt: skip
 
 
 def cmd_plan(args) -> None:
@@ -169,6 +203,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "plan": cmd_plan,
     "models": cmd_models,
+    "cache": cmd_cache,
 }
 
 

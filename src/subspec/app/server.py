@@ -37,6 +37,10 @@ from subspec.runtime.runtime import Request
 
 HIDDEN_STATS = ("accept_lengths", "placement")  # too bulky for every response
 MAX_REQUEST_BYTES = 1 << 20
+# a request that names no max_tokens gets this many at most: without a cap it would hold the
+# only worker to the end of the context (4,096 tokens at ~8 tok/s: 8 minutes)
+DEFAULT_MAX_TOKENS = 1024
+MAX_STOP_STRINGS = 4  # as OpenAI's API
 RETRY_AFTER_S = 5
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 
@@ -104,16 +108,18 @@ class CompletionRequest(SamplingRequest):
     prompt: str
 
 
-def make_request(runtime, method: str, req: SamplingRequest, prompt_ids: list[int]) -> Request:
+def make_request(runtime, method: str, req: SamplingRequest, prompt_ids: list[int],
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> Request:  # fmt: skip
     """Validate a request against the runtime; raises SubspecError for a bad one.
 
     Defaults when the request leaves a field out: temperature 0 (greedy), top_p 1, top_k 0
-    (off), a random seed, and max tokens = the rest of the context.
+    (off), a random seed, and max tokens = `max_tokens` (the server's cap) or the rest of the
+    context, whichever is less.
     """
     if fields := req.unsupported():
         raise ApiError(f"unsupported field(s): {', '.join(fields)}", param=fields[0])
     room = runtime.cfg.context - len(prompt_ids)
-    max_new = req.max_completion_tokens or req.max_tokens or max(room, 1)
+    max_new = req.max_completion_tokens or req.max_tokens or max(min(room, max_tokens), 1)
     sampling = SamplingConfig(
         temperature=0.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -129,6 +135,9 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop or []
     if any(not s for s in stops):
         raise ApiError("stop strings must not be empty", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:  # each costs a search per batch of tokens
+        raise ApiError(f"at most {MAX_STOP_STRINGS} stop strings (as OpenAI), got {len(stops)}",
+                       param="stop")  # fmt: skip
     return tuple(stops)
 
 
@@ -292,8 +301,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 class Service:
     """What the endpoints share: the runtime, its method, its names and its worker."""
 
-    def __init__(self, runtime, method: str, max_queue: int):
-        self.runtime, self.method = runtime, method
+    def __init__(self, runtime, method: str, max_queue: int, max_tokens: int):
+        self.runtime, self.method, self.max_tokens = runtime, method, max_tokens
         self.model = runtime.cfg.model
         self.names = {self.model, Path(self.model).name}
         self.worker = Worker(runtime, max_queue)
@@ -311,7 +320,7 @@ class Service:
     def submit(self, req: SamplingRequest, prompt_ids: list[int]) -> Job:
         """Validate and queue a request (ApiError, SubspecError or QueueFull)."""
         self.check_model(req.model)
-        request = make_request(self.runtime, self.method, req, prompt_ids)
+        request = make_request(self.runtime, self.method, req, prompt_ids, self.max_tokens)
         job = Job(request, asyncio.get_running_loop())
         self.worker.submit(job)
         return job
@@ -323,18 +332,20 @@ class Service:
 
 
 def create_app(
-    runtime, method: str, max_queue: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES
-) -> FastAPI:
+    runtime, method: str, max_queue: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> FastAPI:  # fmt: skip
     """The FastAPI app serving `runtime` with decoding `method`; `app.state.service.worker`
     is the generation thread (close it when done).
 
     Sampling fields: temperature (default 0, greedy; 0..2), top_p (default 1), top_k (an
-    extension, default 0 = off), seed (default random), stop (a string or a list), max_tokens
-    or max_completion_tokens (default: the rest of the context). Non-streamed responses carry
+    extension, default 0 = off), seed (default random), stop (a string or a list of up to 4),
+    max_tokens or max_completion_tokens (default: `max_tokens`, the server's cap, or the rest
+    of the context, whichever is less). Non-streamed responses carry
     a `subspec` field with the decoding statistics (method, tau, decode tokens/s, ...);
     streamed responses carry it on the chunk with the finish_reason.
     """
-    service = Service(runtime, method, max_queue)
+    service = Service(runtime, method, max_queue, max_tokens)
     app = FastAPI(title="subspec", description=__doc__)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -395,7 +406,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
 
 def serve(runtime, host: str, port: int, method: str | None = None, max_queue: int = 64,
-          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:  # fmt: skip
+          max_request_bytes: int = MAX_REQUEST_BYTES,
+          max_tokens: int = DEFAULT_MAX_TOKENS) -> None:  # fmt: skip
     """Serve `runtime` over HTTP until SIGINT/SIGTERM (method: default_method if None).
 
     On a signal every job is cancelled at once, open streams end, and the worker thread is
@@ -404,7 +416,7 @@ def serve(runtime, host: str, port: int, method: str | None = None, max_queue: i
     import uvicorn
 
     method = method or default_method(runtime.methods, runtime.placement.streams)
-    app = create_app(runtime, method, max_queue, max_request_bytes)
+    app = create_app(runtime, method, max_queue, max_request_bytes, max_tokens)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):

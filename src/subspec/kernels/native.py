@@ -44,22 +44,45 @@ INT4_BUILDS = (
 EXACT_FLAGS = ("-ffp-contract=off",)
 
 
-def _load(name: str, flags: tuple[str, ...], x86_only: bool = True) -> ctypes.CDLL | None:
-    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (an x86-64 kernel
-    on another CPU, no C compiler, a failed build, SUBSPEC_NATIVE=0)."""
+_BUILD_ERRORS: dict[str, str] = {}  # kernel -> why its build failed (the compiler's stderr)
+
+
+def cannot_build(x86_only: bool = True) -> str | None:
+    """Why kernels cannot be built on this machine at all (SUBSPEC_NATIVE=0, no C compiler,
+    an x86-64 kernel on another CPU), or None: then a kernel that does not load failed to
+    build, and build_error says why."""
     if os.environ.get("SUBSPEC_NATIVE", "1") == "0":
-        return None
+        return "SUBSPEC_NATIVE=0"
     if x86_only and platform.machine() not in ("x86_64", "AMD64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return f"no C compiler ({os.environ.get('CC', 'cc')})"
+    return None
+
+
+def build_error(name: str) -> str | None:
+    """The compiler's message for the kernel `name` when its build failed in this process."""
+    return _BUILD_ERRORS.get(name)
+
+
+def _load(name: str, flags: tuple[str, ...], x86_only: bool = True) -> ctypes.CDLL | None:
+    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (see
+    cannot_build; a failed build is logged with the compiler's message and kept for
+    build_error)."""
+    if (reason := cannot_build(x86_only)) is not None:
+        if reason.startswith("no C compiler"):
+            log.warning("%s: the %s kernel falls back to torch", reason, name)
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler found: the %s kernel falls back to torch", name)
-        return None
     try:
         return ctypes.CDLL(str(_build(compiler, name, (*COMMON_FLAGS, *flags))))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        log.warning("could not build the %s kernel (%s): falling back to torch", name, exc)
-        return None
+    except subprocess.CalledProcessError as exc:
+        message = (exc.stderr or "").strip() or f"{compiler} exited with {exc.returncode}"
+    except OSError as exc:
+        message = str(exc)
+    _BUILD_ERRORS[name] = message
+    log.warning("could not build the %s kernel, falling back to torch: %s", name, message)
+    return None
 
 
 @functools.cache
@@ -72,6 +95,7 @@ def int4_vnni() -> ctypes.CDLL | None:
     )  # fmt: skip
     if lib is None:
         return None
+    _BUILD_ERRORS.pop("int4_vnni", None)  # a narrower build that failed first no longer counts
     lib.subspec_scaled_logsumexp.restype = ctypes.c_int
     lib.subspec_scaled_logsumexp.argtypes = (
         [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2

@@ -18,7 +18,6 @@ from rich.progress import Progress
 
 from subspec.config import RuntimeConfig
 from subspec.errors import SubspecError
-from subspec.files import cache_root
 from subspec.hub.models import resolve_model
 from subspec.kernels import residual
 from subspec.memory import (
@@ -34,6 +33,7 @@ from subspec.model.kv_cache import KVCache
 from subspec.model.layers import LayerSource, dense
 from subspec.model.placed import PlacedModel
 from subspec.model.tokenizer import load_tokenizer
+from subspec.offload.cache_entries import offload_root, record_entry
 from subspec.offload.planner import Placement, plan
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.stores import DiskStore, PinnedHostStore, SlowStore
@@ -144,7 +144,8 @@ class Builder:
         self.tied = self.head_name == EMBED
         self.subspec = "subspec" in cfg.methods
         # layer files and substitutes of this checkpoint at this dtype
-        self.cache_dir = cache_root() / "offload" / f"{fingerprint(ckpt)}-{cfg.dtype}"
+        self.cache_dir = offload_root() / f"{fingerprint(ckpt)}-{cfg.dtype}"
+        record_entry(self.cache_dir, cfg.model, ckpt.model_dir, cfg.dtype)
         # rows [a, b) of the LM head [V, H]: its chunk files and the draft's low-bit copy are
         # built a block of rows at a time, never from the whole head in memory
         self.head_rows = functools.partial(ckpt.get_rows, self.head_name, dtype=self.dtype)

@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -44,21 +46,6 @@ typedef struct {
     float lp_minus_1; // p - 1
     float shrink_at;  // |d| above which the shrink may be non-zero (with a margin)
 } Solver;
-
-static inline float bf16_to_float(uint16_t v) {
-    const uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float round_bf16(float f) {  // to nearest even (finite inputs)
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 // one group of W as floats
 static void load_group(const void *w, int in_dtype, int64_t start, int g, float *out) {
@@ -246,7 +233,9 @@ static float sweep(const void *w, int in_dtype, int64_t rows, int64_t cols, int 
     return (float)(total / (double)(rows * cols));
 }
 
-static float to_out(float v, int out_dtype) { return out_dtype == OUT_BF16 ? round_bf16(v) : v; }
+static float to_out(float v, int out_dtype) {  // v as stored: in float32, or rounded to bf16
+    return out_dtype == OUT_BF16 ? bf16_to_float(float_to_bf16(v)) : v;
+}
 
 // subspec's stored form from hqq's (inv, zero): scale, zero and q of every group
 static void store(const void *w, int in_dtype, int64_t rows, int64_t cols, int g, int bits,

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "simd16.h"
 
 #define BLOCK 64
@@ -51,19 +52,6 @@ typedef struct {
     int y_bf16;
     int64_t m, n, k, group;
 } Job;
-
-static inline float bf16_to_float(uint16_t v) {
-    const uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 static void store_row(const Job *j, int64_t row, int64_t n0, f16 v) {
     if (j->bias) v = f_add(v, f_bf16(j->bias + n0));

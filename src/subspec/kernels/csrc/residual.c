@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -32,19 +34,6 @@
 enum { TILE = 16 };
 // a chunk's rows in residual order: the unpack of its low and high nibbles, see above
 static const int ROWS[TILE] = {0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15};
-
-static inline float bf16_to_float(uint16_t v) {
-    const uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 // tab[r][q] = D for row r of a record and value q, from the record's (s, z) pairs
 static void tables_scalar(const uint16_t *pairs, uint16_t tab[TILE][16]) {
