@@ -8,7 +8,7 @@ import torch
 from helpers import make_runtime, minimum_budget, require_kernel, write_tiny
 
 from subspec.kernels import native
-from subspec.spec.decoding import prefill
+from subspec.speculative.decoding import prefill
 
 
 @pytest.fixture(autouse=True)

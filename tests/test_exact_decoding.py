@@ -11,8 +11,8 @@ from helpers import generate, make_runtime, write_tiny_llama
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.errors import SubspecError
 from subspec.model.forward import causal_mask
-from subspec.spec.decoding import prefill
-from subspec.spec.tree import build_tree
+from subspec.speculative.decoding import prefill
+from subspec.speculative.tree import build_tree
 
 PROMPTS = ["hello world", "this is a test", "the tiny tokenizer is a test of the world"]
 SHAPES = [SpecConfig(depth=5, width=3, draft_temperature=0.5), SpecConfig(depth=8, width=1)]

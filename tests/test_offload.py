@@ -38,7 +38,7 @@ from subspec.offload.stores import (
 )
 from subspec.offload.streamed import StreamedHead, StreamedLayers
 from subspec.runtime.weights import ensure_head_files, head_chunk_rows
-from subspec.spec.decoding import prefill
+from subspec.speculative.decoding import prefill
 
 
 def make_layer(seed: int) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ from subspec.model import layers
 from subspec.model.forward import attention
 from subspec.model.kv_cache import KVCache
 from subspec.offload.planner import ModelSizes, plan
-from subspec.spec.sampling import apply_top_k, apply_top_p, target_probs
-from subspec.spec.tree import Tree, build_tree
-from subspec.spec.verify import walk
+from subspec.speculative.sampling import apply_top_k, apply_top_p, target_probs
+from subspec.speculative.tree import Tree, build_tree
+from subspec.speculative.verify import walk
 
 
 def test_kv_accept_moves_accepted_slots_in_every_layer():
@@ -333,7 +333,7 @@ def _rounds(chooser, accepted, rounds=4, depth=16, width=2, step_s=0.1, verify_s
 
 
 def test_shape_chooser_depth_follows_acceptance_and_costs():
-    from subspec.spec.shape import DEEPEN_BY, START_DEPTH, ShapeChooser
+    from subspec.speculative.shape import DEEPEN_BY, START_DEPTH, ShapeChooser
 
     assert ShapeChooser(SpecConfig(depth=7, width=2)).shape().depth == 7
     chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
@@ -354,7 +354,7 @@ def test_shape_chooser_counts_the_whole_pass():
     """A pass that drafts ahead in its waits lasts as long as one that idles in them: the
     chooser weighs depth against the pass's wall time, so a longer pass (the same target
     compute) buys deeper trees."""
-    from subspec.spec.shape import ShapeChooser
+    from subspec.speculative.shape import ShapeChooser
 
     depths = {}
     for pass_s in (0.6, 2.0):
@@ -367,7 +367,7 @@ def test_shape_chooser_counts_the_whole_pass():
 
 
 def test_shape_chooser_width_follows_acceptance_and_costs():
-    from subspec.spec.shape import EXPLORE_EVERY, ShapeChooser
+    from subspec.speculative.shape import EXPLORE_EVERY, ShapeChooser
 
     wide_pays = ShapeChooser(SpecConfig(width=None, max_width=4))
     _rounds(wide_pays, [1, 3, 12, 16], rounds=3, width=4)  # wider trees accept far more
@@ -384,7 +384,7 @@ def test_shape_chooser_width_follows_acceptance_and_costs():
 
 
 def test_accepted_by_width_reads_ranks_per_level():
-    from subspec.spec.shape import accepted_by_width
+    from subspec.speculative.shape import accepted_by_width
 
     # width 3: level 1 holds nodes 1-3, level 2 nodes 4-6, level 3 nodes 7-9 (best first)
     path = torch.tensor([1, 5, 9])  # ranks 0, 1, 2
@@ -416,9 +416,9 @@ class _NextTokenDrafter:
 
 def _lookahead(spec):
     """A Lookahead after a depth-3, width-2 tree rooted at token 3 in slot 4."""
-    from subspec.spec.lookahead import Lookahead
-    from subspec.spec.shape import Shape
-    from subspec.spec.tree import build_tree
+    from subspec.speculative.lookahead import Lookahead
+    from subspec.speculative.shape import Shape
+    from subspec.speculative.tree import build_tree
 
     drafter = _NextTokenDrafter()
     drafted = build_tree(3, 4, 3, 2, 0.2, drafter.step, "cpu")
@@ -432,7 +432,7 @@ def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
     MIN_FILL of one gets nothing (work() says so) and leaves the level where it was. A fixed
     depth stays fixed."""
     from subspec.config import SpecConfig
-    from subspec.spec.lookahead import MIN_FILL
+    from subspec.speculative.lookahead import MIN_FILL
 
     layers, vocab = _NextTokenDrafter.LAYERS, _NextTokenDrafter.VOCAB
     ahead = _lookahead(SpecConfig(depth=3, guesses=1))
@@ -501,7 +501,7 @@ def test_shape_chooser_counts_the_levels_drafted_ahead():
     """Where the next tree is drafted ahead whenever a round accepts its whole tree, a tree
     shallow enough to be accepted whole and to fit in a pass's waits costs only the pass: the
     chooser trades depth for it, and does not without guesses coming true."""
-    from subspec.spec.shape import ShapeChooser
+    from subspec.speculative.shape import ShapeChooser
 
     depths = {}
     for hit in (False, True):

@@ -51,7 +51,7 @@ class SpecConfig:
     """Tree drafting settings (see DESIGN.md: D, k, T_d)."""
 
     # CPU defaults, chosen by measurement (README): the paper's GPU shape is D=48, k=6
-    depth: int | None = None  # None: chosen every round from measured costs (spec/shape.py)
+    depth: int | None = None  # None: chosen every round from measured costs (speculative/shape.py)
     # None: chosen with the depth. Fixed at 2 by default: on the 1.5B at 1.78 GB, width auto
     # ran at 4.58 tok/s against 4.93 for width 2 in the latest bench run (BENCHMARKS.md)
     width: int | None = 2
@@ -88,13 +88,14 @@ class SpecConfig:
     @property
     def tree_size(self) -> int:
         """Nodes of the largest tree a round may draft."""
-        # width auto keeps width 2's node count: wider trees are shallower (spec/shape.py)
+        # width auto keeps width 2's node count: wider trees are shallower (speculative/shape.py)
         return 1 + (self.depth or self.max_depth) * (self.width or AUTO_WIDTH_NODES)
 
     @property
     def cache_slots(self) -> int:
         """KV slots a round needs after the committed prefix: its tree and, with overlap, for
-        each guess a copy of its leaf and the next tree drafted ahead on it (spec/lookahead.py).
+        each guess a copy of its leaf and the next tree drafted ahead on it
+        (speculative/lookahead.py).
         Under depth auto the guesses share one largest tree's room (trees are mostly
         shallower than max_depth), so the cache does not grow with them."""
         if not self.overlap:

@@ -124,7 +124,7 @@ class Model:
         self, layers: LayerSource, cache: KVCache, tokens, positions, slots, mask, kv_len
     ) -> Generator[None, None, torch.Tensor]:  # fmt: skip
         """forward() one decoder layer per next(): yields after each, returns the hidden
-        states, so that it can be run in another computation's waits (spec/lookahead.py)."""
+        states, so that it can be run in another computation's waits (speculative/lookahead.py)."""
         x = self.embed(tokens)  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         attn_mask = fused_kernel_mask(mask, x.dtype)  # once per forward, not per layer

@@ -61,7 +61,7 @@ from subspec.runtime.weights import (
     residual_dir,
     residual_sources,
 )
-from subspec.spec.drafters import ModelDrafter, SharedDrafter
+from subspec.speculative.drafters import ModelDrafter, SharedDrafter
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,6 @@ class Builder:
         self.subspec = "subspec" in cfg.methods
         # layer files and substitutes of this checkpoint at this dtype
         self.cache_dir = offload_root() / f"{fingerprint(ckpt)}-{cfg.dtype}"
-        record_entry(self.cache_dir, cfg.model, ckpt.model_dir, cfg.dtype)
         # rows [a, b) of the LM head [V, H]: its chunk files and the draft's low-bit copy are
         # built a block of rows at a time, never from the whole head in memory
         self.head_rows = functools.partial(ckpt.get_rows, self.head_name, dtype=self.dtype)
@@ -170,6 +169,8 @@ class Builder:
         budget = fast_memory_budget(cfg.memory_budget, self.device)
         sizes = model_sizes(cfg, self.ckpt, m, extra_bytes, self.process)
         placement = plan(sizes, budget, cfg.n_buffers)
+        if placement.streamed_layers:  # files in the cache: say whose
+            record_entry(self.cache_dir, cfg.model, self.ckpt.model_dir, cfg.dtype)
         substitutes = draft_head = None
         if self.subspec and placement.streamed_layers:  # first: little else is in memory yet
             substitutes = self._substitutes(placement)

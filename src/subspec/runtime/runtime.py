@@ -18,8 +18,8 @@ from subspec.offload.planner import Placement
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.streamed import StreamedLayers
 from subspec.runtime.stats import MemoryStats
-from subspec.spec.decoding import DecodeStats, speculative, vanilla
-from subspec.spec.drafters import Drafter
+from subspec.speculative.decoding import DecodeStats, speculative, vanilla
+from subspec.speculative.drafters import Drafter
 
 
 @dataclass(frozen=True)

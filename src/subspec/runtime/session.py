@@ -10,7 +10,7 @@ import torch
 from subspec.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, reset_peak_rss
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats, SpecStats
-from subspec.spec.decoding import DecodeStats
+from subspec.speculative.decoding import DecodeStats
 
 
 class Session:
@@ -29,7 +29,7 @@ class Session:
         self.started = time.perf_counter()
 
     def token_batches(self) -> Iterator[list[int]]:
-        """The method's committed tokens, a list per target pass (see spec/decoding.py)."""
+        """The method's committed tokens, a list per target pass (see speculative/decoding.py)."""
         return self.runtime.decode(self.request, self.gen, self.counters)
 
     def stats(self, new_tokens: int) -> GenerationStats:

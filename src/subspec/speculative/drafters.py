@@ -14,7 +14,7 @@ import torch
 from subspec.model.forward import finish
 from subspec.model.layers import LayerSource, Linear
 from subspec.model.placed import PlacedModel
-from subspec.spec.decoding import prefill
+from subspec.speculative.decoding import prefill
 
 
 class Drafter(Protocol):

@@ -17,11 +17,11 @@ import torch
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.model.forward import causal_mask
 from subspec.model.placed import PlacedModel
-from subspec.spec.lookahead import Lookahead
-from subspec.spec.sampling import choose
-from subspec.spec.shape import ShapeChooser, accepted_by_width
-from subspec.spec.tree import TreeBuilder
-from subspec.spec.verify import walk
+from subspec.speculative.lookahead import Lookahead
+from subspec.speculative.sampling import choose
+from subspec.speculative.shape import ShapeChooser, accepted_by_width
+from subspec.speculative.tree import TreeBuilder
+from subspec.speculative.verify import walk
 
 
 @dataclass

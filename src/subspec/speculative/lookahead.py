@@ -26,8 +26,8 @@ from collections.abc import Generator
 import torch
 
 from subspec.config import SpecConfig
-from subspec.spec.shape import Shape
-from subspec.spec.tree import Tree, TreeBuilder, grow_together
+from subspec.speculative.shape import Shape
+from subspec.speculative.tree import Tree, TreeBuilder, grow_together
 
 MIN_FILL = 0.5  # the share of a part a wait must be expected to fill to start one
 

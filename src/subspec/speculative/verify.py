@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from subspec.config import SamplingConfig
-from subspec.spec.sampling import target_probs
-from subspec.spec.tree import Tree
+from subspec.speculative.sampling import target_probs
+from subspec.speculative.tree import Tree
 
 
 @dataclass

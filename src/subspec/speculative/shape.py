@@ -10,7 +10,7 @@ acceptance, a lower bound. A round costs its draft steps in the open at width k 
 mean step time, as measured) plus a verification pass: the pass's mean wall time (drafting
 ahead in its waits included) while its compute, grown with the tree's size, stays hidden
 behind the transfers it waited for. The steps in the open are D, less those drafted ahead in
-the previous pass's waits when its guess came true (spec/lookahead.py): that takes a round
+the previous pass's waits when its guess came true (speculative/lookahead.py): that takes a round
 accepting its whole tree, S_k(D), and a guess being right then, as measured (the share of
 such rounds that found their next tree drafted ahead); a pass drafts ahead as many levels as
 its free time (its waits) holds, at the measured time of a step drafting ahead (all guesses'
