@@ -202,3 +202,18 @@ def test_at_most_four_stop_strings():
     assert ok.status_code == 200
     refused = client.post("/v1/chat/completions", json={**CHAT, "stop": list("abcde")})
     assert refused.status_code == 400 and "at most 4 stop strings" in refused.text
+
+
+class FailingRuntime(FakeRuntime):
+    def decode(self, request, gen, stats):
+        raise OSError("read error in /secret/offload/layer_00003.bin")
+
+
+def test_a_runtime_failure_is_a_500_without_internals():
+    client = TestClient(create_app(FailingRuntime(), "vanilla"), raise_server_exceptions=False)
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500
+    body = response.json()["error"]
+    assert body["type"] == "server_error" and "incident" in body["message"]
+    assert "secret" not in response.text and "OSError" not in response.text
+    assert client.get("/health").status_code == 200  # the server keeps serving

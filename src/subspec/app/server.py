@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import sys
 import time
@@ -36,6 +37,8 @@ from subspec.runtime.generate import Event
 from subspec.runtime.runtime import Request
 
 HIDDEN_STATS = ("accept_lengths", "placement")  # too bulky for every response
+log = logging.getLogger(__name__)
+
 MAX_REQUEST_BYTES = 1 << 20
 # a request that names no max_tokens gets this many at most: without a cap it would hold the
 # only worker to the end of the context (4,096 tokens at ~8 tok/s: 8 minutes)
@@ -295,7 +298,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     def crash(request, exc: Exception) -> JSONResponse:
-        return JSONResponse(_error_body(f"internal error: {exc!r}", "server_error"), 500)
+        # the details go to the server's log, not to the client
+        incident = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s", incident, request.url.path, exc_info=exc)
+        message = f"internal error (incident {incident}: see the server's log)"
+        return JSONResponse(_error_body(message, "server_error"), 500)
 
 
 class Service:
