@@ -379,7 +379,9 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, http: HttpRequest):
-        job = service.submit(req, _chat_prompt(runtime, req.messages))
+        # templating and tokenizing up to a MiB: off the event loop, which keeps serving
+        prompt_ids = await asyncio.to_thread(_chat_prompt, runtime, req.messages)
+        job = service.submit(req, prompt_ids)
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             base = _base("chatcmpl", "chat.completion.chunk", model)
@@ -398,7 +400,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: HttpRequest):
-        job = service.submit(req, encode(runtime.tokenizer, req.prompt, chat=False))
+        prompt_ids = await asyncio.to_thread(encode, runtime.tokenizer, req.prompt, False)
+        job = service.submit(req, prompt_ids)
         usage = bool(req.stream_options and req.stream_options.include_usage)
         base = _base("cmpl", "text_completion", model)
         if req.stream:
