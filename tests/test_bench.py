@@ -70,3 +70,37 @@ def test_variants_set_the_shape():
     assert _variant_override("plain-stream") == {"plain_stream": True}
     with pytest.raises(SubspecError, match="unknown method variant"):
         _variant_override("width")
+
+
+def test_bench_with_sampling_is_seed_exact(tmp_path, tiny_model_dir, capsys):
+    """At a temperature, prompt i is sampled with seed S + i in every method: subspec emits
+    vanilla's tokens under the same seeds, and the JSON's config holds the settings."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n{"prompt": "this is a test"}\n')
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--model", str(tiny_model_dir), "--methods", "vanilla,subspec",
+        "--prompts-file", str(prompts), "--samples", "2", "--max-new-tokens", "12",
+        "--memory-budget", "700kB", "--context", "256", "--dtype", "float32", "--depth", "3",
+        "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "5",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    config = report["config"]
+    assert (config["temperature"], config["top_p"], config["top_k"], config["seed"]) == (
+        0.9,
+        0.95,
+        50,
+        5,
+    )
+    vanilla, subspec = report["results"]["vanilla"], report["results"]["subspec"]
+    assert subspec["outputs_identical_to_vanilla"], subspec["divergences"]
+    assert subspec["outputs"] == vanilla["outputs"]
+    assert vanilla["outputs"][0] != vanilla["outputs"][1]  # different prompts and seeds
+
+
+def test_bench_refuses_hf_with_sampling(tmp_path, tiny_model_dir, capsys):
+    code = main(["bench", "--model", str(tiny_model_dir), "--methods", "vanilla,hf",
+                 "--temperature", "0.7", "--out", str(tmp_path / "b.json")])  # fmt: skip
+    assert code == 2 and "greedily" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from subspec.app.options import (
     memory_budget,
     model_args,
     runtime_config,
+    sampler_args,
     sampling_args,
     sampling_config,
 )
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", default="mt-bench", help="mt-bench, humaneval, gsm8k, aime2025")
     bench.add_argument("--prompts-file", default=None, help="JSON lines with a 'prompt' field")
     bench.add_argument("--samples", type=int, default=3)
+    sampler_args(
+        bench,
+        seed_help="prompt i is sampled with seed S + i, the same for every "
+        "method (outputs_identical_to_vanilla compares tokens under the same seed)",
+    )
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench.json")
     bench.add_argument("--plot", default=None, metavar="DIR",

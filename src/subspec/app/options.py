@@ -72,13 +72,19 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = sampler_args(p)
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampler_args(p: argparse.ArgumentParser, seed_help: str | None = None):
+    """--temperature, --top-p, --top-k, --seed (the sampling_config fields); their group."""
+    g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0, help=seed_help)
+    return g
 
 
 def check_args(args) -> None:

@@ -14,9 +14,11 @@ import gc
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from subspec.app.options import sampling_config
 from subspec.bench import report
 from subspec.config import METHODS, SamplingConfig
 from subspec.errors import SubspecError
@@ -37,6 +39,8 @@ def run_bench(args) -> dict:
     plots with --plot DIR)."""
     methods = _methods(args.methods)
     prompts = _prompts(args)
+    if "hf" in methods and args.temperature > 0:
+        raise SubspecError("the hf baseline decodes greedily: drop hf or --temperature")
     probe = _memory_probe()
     results, bound, prompt_ids = {}, None, None
     for method in methods:
@@ -124,7 +128,9 @@ def _run_method(args, method, prompts, prompt_ids, probe):
         return _run_hf(margs, prompt_ids), prompt_ids, None
     with _runtime(margs, base, method) as runtime:
         prompt_ids = [_encode(runtime, p) for p in prompts]
-        result = _run_runtime(runtime, base, method, prompt_ids, args.max_new_tokens, probe)
+        sampling = sampling_config(args)
+        result = _run_runtime(runtime, base, method, prompt_ids, args.max_new_tokens, sampling,
+                              probe)  # fmt: skip
         bound = report.bound(runtime, result) if method == "vanilla" else None
     return result, prompt_ids, bound
 
@@ -152,14 +158,16 @@ def _encode(runtime, prompt: str) -> list[int]:
     return runtime.encode_prompt(prompt, chat=bool(runtime.tokenizer.chat_template))
 
 
-def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int, probe) -> dict:
-    """The method's outputs and stats over the prompts; the memory probe samples after each
-    (the prefetcher may still be finishing its ring's reads then, ~0.1 s, while the probe
-    fills its buffer, before it times anything)."""
+def _run_runtime(runtime, base: str, label: str, prompt_ids, max_new: int,
+                 sampling: SamplingConfig, probe) -> dict:  # fmt: skip
+    """The method's outputs and stats over the prompts, prompt i sampled with `sampling`'s
+    seed + i; the memory probe samples after each (the prefetcher may still be finishing its
+    ring's reads then, ~0.1 s, while the probe fills its buffer, before it times anything)."""
     outputs, per_prompt = [], []
-    for ids in prompt_ids:
+    for i, ids in enumerate(prompt_ids):
         tokens, stats = [], None
-        for ev in stream_generate(runtime, Request(ids, base, max_new, SamplingConfig())):
+        request = Request(ids, base, max_new, replace(sampling, seed=sampling.seed + i))
+        for ev in stream_generate(runtime, request):
             tokens.extend(ev.token_ids)
             stats = ev.stats or stats
         outputs.append(tokens)
@@ -189,7 +197,8 @@ def _run_hf(args, prompt_ids) -> dict:
 def _config(args, methods, prompts) -> dict:
     keys = ("model", "dtype", "device", "memory_budget", "context", "depth", "width",
             "draft_temperature", "bits", "draft_model", "dataset", "prompts_file", "samples",
-            "max_new_tokens", "numerics", "no_overlap", "plain_stream")  # fmt: skip
+            "max_new_tokens", "numerics", "no_overlap", "plain_stream", "temperature", "top_p",
+            "top_k", "seed")  # fmt: skip
     cfg = {k: getattr(args, k, None) for k in keys}
     cfg.update(methods=methods, prompts=prompts, near_tie_bound=report.NEAR_TIE)
     return cfg
