@@ -106,15 +106,23 @@ def load_runtime(args):
 
 
 def cmd_generate(args) -> None:
-    from subspec.runtime.generate import stream_generate
-    from subspec.runtime.runtime import Request
+    from subspec.api import LLM
 
-    sampling = sampling_config(args)
-    with load_runtime(args) as runtime:
-        ids = runtime.encode_prompt(args.prompt, args.chat)
-        request = Request(ids, args.method, args.max_new_tokens, sampling, tuple(args.stop))
+    sampling = dict(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    with LLM(load_runtime(args), args.method) as llm:  # the Python API's path
+        if args.chat:
+            chunks = llm.stream_chat([{"role": "user", "content": args.prompt}], **sampling)
+        else:
+            chunks = llm.stream(args.prompt, **sampling)
         pieces, tokens, final = [], [], None
-        for ev in stream_generate(runtime, request):
+        for ev in chunks:
             pieces.append(ev.text)
             tokens.extend(ev.token_ids)
             if not args.json:

@@ -1,0 +1,63 @@
+"""The Python API: subspec.load(...).generate / stream / chat, against the CLI on the same
+prompt and settings."""
+
+import json
+
+import pytest
+from helpers import minimum_budget
+
+import subspec
+from subspec.app.cli import main
+from subspec.errors import SubspecError
+
+
+@pytest.fixture(scope="module")
+def budget(tiny_model_dir):
+    return minimum_budget(tiny_model_dir, ("subspec",), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir, budget):
+    with subspec.load(str(tiny_model_dir), budget, dtype="float32", context=256,
+                      progress=False) as model:  # fmt: skip
+        yield model
+
+
+def test_load_streams_and_speculates(llm):
+    assert llm.method == "subspec" and llm.runtime.placement.streams
+
+
+def test_greedy_generate_equals_the_cli_json(llm, tiny_model_dir, budget, capsys):
+    result = llm.generate("hello world", max_tokens=10)
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello world",
+                 "--max-new-tokens", "10", "--memory-budget", str(budget), "--dtype", "float32",
+                 "--context", "256", "--json"])  # fmt: skip
+    assert code == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert result.token_ids == cli["token_ids"] and result.text == cli["text"]
+    assert result.finish_reason == cli["stats"]["finish_reason"]
+    assert result.stats.new_tokens == len(result.token_ids)
+
+
+def test_stream_adds_up_to_generate(llm):
+    whole = llm.generate("this is a test", max_tokens=8, temperature=0.8, seed=4)
+    chunks = list(llm.stream("this is a test", max_tokens=8, temperature=0.8, seed=4))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids][: whole.stats.new_tokens] == whole.token_ids
+    assert chunks[-1].finish_reason == whole.finish_reason and chunks[-1].stats is not None
+
+
+def test_chat_uses_the_template(llm):
+    messages = [{"role": "user", "content": "hello"}]
+    reply = llm.chat(messages, max_tokens=6)
+    ids = llm.runtime.encode_prompt("hello", chat=True)
+    assert reply.stats.prompt_tokens == len(ids)
+
+
+def test_bad_input_is_a_subspec_error(llm, tiny_model_dir):
+    with pytest.raises(SubspecError, match="unknown option"):
+        subspec.load(str(tiny_model_dir), depht=3)
+    with pytest.raises(SubspecError, match="top-p"):
+        llm.generate("hello", top_p=0)
+    with pytest.raises(SubspecError, match="stop strings"):
+        llm.generate("hello", stop=[""])
