@@ -6,10 +6,11 @@
 `error`: each linear's relative reconstruction error ||W - W_hat|| / ||W|| on real layers of
 the 1.5B, 4 bits, group 64, for HQQ (kernels/hqq.py) and SINQ (arXiv 2509.22944: per tile of
 64 input columns, rows and columns divided by their standard deviations in turn, keeping the
-most balanced, then min-max rounding per row; W ~ s_row * Q * s_col).
-`tau`: SubSpec's acceptance with either substitute, both held as their dequantized bf16
-weights (so that both run through the same dense draft layers: tau depends only on the
-values), greedy, a fixed tree shape, the same prompts; every streamed layer gets one.
+most balanced, then min-max rounding per row with an integer zero point, `sinq`, or HQQ's
+solver on the normalized tile, `sinq-hqq`; W ~ s_row * Q * s_col).
+`tau`: SubSpec's acceptance with each substitute, all held as their dequantized bf16 weights
+(so that all run through the same dense draft layers: tau depends only on the values),
+greedy, a fixed tree shape, the same prompts; every streamed layer gets one.
 """
 
 from __future__ import annotations
