@@ -219,7 +219,8 @@ class FakeRuntime:
     """Just enough of a Runtime for stream_generate: `decode` replays `reply` then EOS, two
     tokens per round, and records every prompt it is given."""
 
-    def __init__(self, reply=REPLY, context=64, tokenizer=None, delay=0.0):
+    def __init__(self, reply=REPLY, context=64, tokenizer=None, delay=0.0, gate=None):
+        """`gate` (a threading.Event): every decode waits for it before its first token."""
         self.tokenizer = tokenizer or tiny_tokenizer()
         self.cfg = SimpleNamespace(model="tiny-fake", context=context, spec=SpecConfig())
         self.methods = ("vanilla",)
@@ -230,7 +231,8 @@ class FakeRuntime:
             self.tokenizer.eos_token_id
         ]
         self.prompts: list[list[int]] = []
-        self.delay, self.active, self.max_active = delay, 0, 0
+        self.delay, self.active, self.max_active, self.gate = delay, 0, 0, gate
+        self.emitted: list[int] = []  # tokens each decode yielded, in order
 
     def check(self, prompt_len, max_new_tokens, method):
         if prompt_len < 1:
@@ -243,12 +245,16 @@ class FakeRuntime:
 
     def decode(self, request, gen, stats):
         self.prompts.append(list(request.prompt_ids))
+        self.emitted.append(0)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
+            if self.gate is not None:
+                self.gate.wait()
             for i in range(0, len(self.script), 2):
                 time.sleep(self.delay)
                 stats.accept_lengths.append(1)
+                self.emitted[-1] += len(self.script[i : i + 2])
                 yield self.script[i : i + 2]
         finally:
             self.active -= 1
