@@ -3,6 +3,7 @@ gives, prefill chunking does not change the cache, and every method emits vanill
 greedy or sampled with the same seed."""
 
 import re
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from helpers import generate, make_runtime, write_tiny_llama
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.errors import SubspecError
 from subspec.model.forward import causal_mask
-from subspec.speculative.decoding import prefill
+from subspec.runtime.generate import stream_generate
+from subspec.runtime.runtime import Request
+from subspec.speculative.decoding import Cancelled, prefill
 from subspec.speculative.tree import build_tree
 
 PROMPTS = ["hello world", "this is a test", "the tiny tokenizer is a test of the world"]
@@ -126,3 +129,32 @@ def _minimum(model_dir, methods, dtype="bfloat16", spec=None) -> int:
     with pytest.raises(SubspecError, match="below this model's minimum") as err:
         make_runtime(model_dir, methods, budget=1, dtype=dtype, spec=spec)
     return int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
+
+
+class _SetAfter:
+    """An Event that reads as set from its `n`-th check on: a cancel arriving mid-prefill."""
+
+    def __init__(self, n: int):
+        self.n, self.checks = n, 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks > self.n
+
+
+def test_prefill_stops_between_chunks_once_cancelled(tiny_model_dir):
+    """A long prompt's prefill (a pass over every weight per chunk) checks its cancel flag
+    before each chunk: a request abandoned mid-prefill stops there."""
+    runtime = make_runtime(tiny_model_dir)
+    target, prompt = runtime.target, list(range(5, 45))  # 40 tokens: 5 chunks of 8
+    runtime.reset()
+    with pytest.raises(Cancelled):
+        prefill(target, prompt, 8, _SetAfter(2))
+    assert target.cache.length == 16  # two chunks ran, the third was refused
+    runtime.reset()
+    prefill(target, prompt, 8, _SetAfter(99))
+    assert target.cache.length == 40
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(Cancelled):
+        list(stream_generate(runtime, Request(prompt, "vanilla", 4, cancelled=cancelled)))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from subspec.errors import SubspecError
 from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
+from subspec.speculative.decoding import Cancelled
 
 END = object()  # the last item of a job's channel
 
@@ -127,6 +128,8 @@ class Worker:
                     if job.cancelled.is_set():
                         return
                     job.put(ev)
+        except Cancelled:  # during prefill: nobody waits for an answer
+            return
         except Exception as e:  # a bad request, or a runtime failure: the handler reports it
             job.put(e)
             return

@@ -14,9 +14,11 @@ import json
 import logging
 import random
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -328,7 +330,9 @@ class Service:
         """Validate and queue a request (ApiError, SubspecError or QueueFull)."""
         self.check_model(req.model)
         request = make_request(self.runtime, self.method, req, prompt_ids, self.max_tokens)
-        job = Job(request, asyncio.get_running_loop())
+        cancelled = threading.Event()  # the job's flag, seen by prefill too
+        job = Job(replace(request, cancelled=cancelled), asyncio.get_running_loop(),
+                  cancelled=cancelled)  # fmt: skip
         self.worker.submit(job)
         return job
 

@@ -6,6 +6,7 @@ request, one at a time. Built by runtime/build.py.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,9 @@ class Request:
     max_new_tokens: int
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()  # stop strings
+    # set by whoever may abandon the request (the server's queue): prefill stops between its
+    # chunks once it is set (speculative/decoding.py, Cancelled)
+    cancelled: threading.Event | None = None
 
 
 @dataclass
@@ -100,11 +104,12 @@ class Runtime:
         """The request's method as a stream of committed tokens, a list per target pass."""
         chunk, prompt, sampling = self.cfg.prefill_chunk, request.prompt_ids, request.sampling
         if request.method == "vanilla":
-            return vanilla(self.target, prompt, sampling, gen, counters, chunk)
+            return vanilla(self.target, prompt, sampling, gen, counters, chunk, request.cancelled)
         drafter = self.drafters[request.method]
         return speculative(
-            self.target, drafter, prompt, sampling, self.cfg.spec, gen, counters, chunk
-        )
+            self.target, drafter, prompt, sampling, self.cfg.spec, gen, counters, chunk,
+            request.cancelled,
+        )  # fmt: skip
 
     def memory_stats(self) -> MemoryStats:
         p, s = self.placement, self.streaming

@@ -68,10 +68,18 @@ def _waited(streamed) -> float:
     return streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
 
 
-def prefill(target: PlacedModel, prompt: list[int], chunk: int) -> torch.Tensor:
-    """Run the prompt through an empty cache in chunks; returns the last position's logits [V]."""
+class Cancelled(Exception):
+    """The request was cancelled while its prompt was being prefilled."""
+
+
+def prefill(target: PlacedModel, prompt: list[int], chunk: int, cancelled=None) -> torch.Tensor:
+    """Run the prompt through an empty cache in chunks; returns the last position's logits [V].
+    `cancelled` (a threading.Event or None) is checked before each chunk: a long prompt's
+    prefill (a pass over every weight per chunk) stops there, raising Cancelled."""
     cache = target.cache
     for start in range(0, len(prompt), chunk):
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled
         ids = torch.tensor(prompt[start : start + chunk], dtype=torch.long, device=target.device)
         t = ids.numel()
         pos = torch.arange(start, start + t, device=target.device)
@@ -87,10 +95,11 @@ def vanilla(
     gen,
     stats: DecodeStats,
     chunk: int,
+    cancelled=None,
 ) -> Iterator[list[int]]:
-    """Plain autoregressive decoding: one target pass per token."""
+    """Plain autoregressive decoding: one target pass per token (`cancelled`: see prefill)."""
     t0 = time.perf_counter()
-    logits = prefill(target, prompt, chunk)
+    logits = prefill(target, prompt, chunk, cancelled)
     stats.prefill_s = time.perf_counter() - t0
     cache, device = target.cache, target.device
     while True:
@@ -109,14 +118,15 @@ def vanilla(
 
 def speculative(
     target: PlacedModel, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
-    gen, stats: DecodeStats, chunk: int,
+    gen, stats: DecodeStats, chunk: int, cancelled=None,
 ) -> Iterator[list[int]]:  # fmt: skip
     """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token.
 
     With spec.overlap and streamed target layers, the next tree is drafted during the pass's
-    waits for weights (lookahead.py) and used when its guess comes true."""
+    waits for weights (lookahead.py) and used when its guess comes true. `cancelled`: see
+    prefill."""
     t0 = time.perf_counter()
-    pending = choose(prefill(target, prompt, chunk), sampling, gen)
+    pending = choose(prefill(target, prompt, chunk, cancelled), sampling, gen)
     drafter.prefill(prompt, chunk)
     stats.prefill_s = time.perf_counter() - t0
     cache, device, streamed = target.cache, target.device, target.layers.streamer
