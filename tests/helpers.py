@@ -243,6 +243,9 @@ class FakeRuntime:
     def reset(self):
         pass
 
+    def unavailable(self):
+        return None
+
     def decode(self, request, gen, stats):
         self.prompts.append(list(request.prompt_ids))
         self.emitted.append(0)

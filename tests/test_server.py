@@ -6,10 +6,14 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import REPLY, FakeRuntime, make_runtime, tiny_tokenizer
+from helpers import REPLY, FakeRuntime, make_runtime, minimum_budget, tiny_tokenizer
 
 from subspec.app.server import create_app
+from subspec.errors import SubspecError
 from subspec.model.tokenizer import encode_messages
+from subspec.offload.stores import DiskStore
+from subspec.runtime.generate import stream_generate
+from subspec.runtime.runtime import Request
 
 
 def client_for(engine=None, method="subspec") -> TestClient:
@@ -217,3 +221,32 @@ def test_a_runtime_failure_is_a_500_without_internals():
     assert body["type"] == "server_error" and "incident" in body["message"]
     assert "secret" not in response.text and "OSError" not in response.text
     assert client.get("/health").status_code == 200  # the server keeps serving
+
+
+class BrokenRuntime(FakeRuntime):
+    def unavailable(self):
+        return "a read failed: [Errno 5] Input/output error"
+
+
+def test_health_is_503_while_the_runtime_cannot_serve():
+    client = TestClient(create_app(BrokenRuntime(), "vanilla"))
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable" and "read failed" in response.json()["reason"]
+
+
+def test_a_failed_read_makes_the_runtime_unavailable(tiny_model_dir, monkeypatch):
+    budget = minimum_budget(tiny_model_dir, ("vanilla",))
+    runtime = make_runtime(tiny_model_dir, budget=budget)
+    assert runtime.placement.streams and runtime.unavailable() is None
+
+    def failing_read(self, unit, dst, stream=None):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(DiskStore, "read_into", failing_read)
+    ids = runtime.encode_prompt("hello world", chat=False)
+    with pytest.raises(SubspecError, match="prefetch reader failed"):
+        list(stream_generate(runtime, Request(ids, "vanilla", 4)))
+    assert "read failed" in runtime.unavailable()
+    runtime.close()
+    assert runtime.unavailable() is not None

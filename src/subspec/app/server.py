@@ -337,9 +337,14 @@ class Service:
         return job
 
     def health(self) -> dict:
+        """The server's state; "status" is "unavailable" (with a "reason") when the runtime
+        cannot serve, e.g. after its slow tier failed a read."""
         worker = self.worker
-        return {"status": "ok", "model": self.model, "method": self.method,
+        body = {"status": "ok", "model": self.model, "method": self.method,
                 "busy": worker.busy, "queued": worker.queued}  # fmt: skip
+        if (reason := self.runtime.unavailable()) is not None:
+            body.update(status="unavailable", reason=reason)
+        return body
 
 
 def create_app(
@@ -369,8 +374,9 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     runtime, model = service.runtime, service.model
 
     @app.get("/health")
-    def health() -> dict:
-        return service.health()
+    def health() -> JSONResponse:
+        body = service.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/v1/models")
     def models() -> dict:

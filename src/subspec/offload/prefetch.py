@@ -219,6 +219,13 @@ class Prefetcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def failure(self) -> str | None:
+        """Why no unit can be acquired any more (a reader's error, or closed), or None."""
+        if self._error is not None:
+            return f"a read failed: {self._error}"
+        return "closed" if self._closed else None
+
     def _failed(self) -> bool:
         return self._error is not None or self._closed
 

@@ -125,6 +125,13 @@ class Runtime:
             placement=p.to_dict(),
         )
 
+    def unavailable(self) -> str | None:
+        """Why this runtime cannot serve a request now (its slow tier's reader failed or was
+        closed), or None."""
+        if self.streaming is None:
+            return "closed" if self._closed else None
+        return self.streaming.prefetcher.failure
+
     def close(self) -> None:
         """Stop the prefetcher's threads and close the slow tier's files (idempotent)."""
         if self.streaming is not None and not self._closed:
