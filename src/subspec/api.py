@@ -110,9 +110,7 @@ def load(model: str, memory_budget: str | int | None = None, **options) -> LLM:
     no_overlap, plain_stream, draft_model, ... (`subspec generate --help`), with the same
     defaults; progress=False silences the progress bars. Raises SubspecError for bad input."""
     from subspec.app.cli import build_parser
-    from subspec.app.options import check_args, runtime_config
-    from subspec.config import default_method, methods_to_load
-    from subspec.runtime.build import build_runtime
+    from subspec.app.options import check_args
 
     progress = options.pop("progress", True)
     args = build_parser().parse_args(["generate", "--model", str(model), "--prompt", ""])
@@ -122,9 +120,18 @@ def load(model: str, memory_budget: str | int | None = None, **options) -> LLM:
     vars(args).update(options)
     args.memory_budget = None if memory_budget is None else str(memory_budget)
     check_args(args)
+    return from_args(args, progress)
+
+
+def from_args(args, progress: bool = True) -> LLM:
+    """An LLM from parsed CLI arguments (the CLI's own way in): the drafts --method asks for,
+    and subspec by default when the model streams."""
+    from subspec.app.options import runtime_config
+    from subspec.config import default_method, methods_to_load
+    from subspec.runtime.build import build_runtime
+
     runtime = build_runtime(runtime_config(args, methods_to_load(args.method)), progress)
-    method = args.method or default_method(runtime.methods, runtime.placement.streams)
-    return LLM(runtime, method)
+    return LLM(runtime, args.method or default_method(runtime.methods, runtime.placement.streams))
 
 
 # generate's own flags, which are arguments of each call rather than options of the model

@@ -41,7 +41,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
 
 
 # safetensors dtype -> torch dtype name
-_ST_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
              "BOOL": "bool"}  # fmt: skip
 
@@ -73,7 +73,7 @@ class SafetensorsFile:
 
         info = self.header[name]
         begin, finish = info["data_offsets"]
-        dtype = _ST_TORCH.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise SubspecError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         shape, torch_dtype = info["shape"], getattr(torch, dtype)

@@ -11,12 +11,11 @@ from subspec.app.options import (
     check_args,
     memory_budget,
     model_args,
-    runtime_config,
     sampler_args,
     sampling_args,
     sampling_config,
 )
-from subspec.config import default_method, format_size, methods_to_load
+from subspec.config import format_size
 from subspec.errors import SubspecError
 
 HELP = argparse.ArgumentDefaultsHelpFormatter
@@ -95,14 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_runtime(args):
     """A runtime with the drafts that --method asks for (subspec by default when streaming);
     settles args.method."""
-    from subspec.runtime.build import build_runtime
+    from subspec.api import from_args
 
-    runtime = build_runtime(runtime_config(args, methods_to_load(args.method)))
-    if args.method is None:
-        args.method = default_method(runtime.methods, runtime.placement.streams)
+    llm = from_args(args)
+    args.method = llm.method
     if args.verbose:
-        print(runtime.placement.summary(), file=sys.stderr)
-    return runtime
+        print(llm.runtime.placement.summary(), file=sys.stderr)
+    return llm.runtime
 
 
 def cmd_generate(args) -> None:

@@ -39,11 +39,6 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-def available() -> bool:
-    """Whether the native quantizer builds here."""
-    return _lib() is not None
-
-
 def quantize(
     w: Tensor, bits: int, group_size: int, dtype: torch.dtype, optimize: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,7 +89,7 @@ def _quantize_torch(w, bits, group_size, dtype, optimize):
             break
         best = err
     off = 128 if bits == 8 else 8
-    scale = (1.0 / inv).to(dtype)
-    zero = ((off - zero) * (1.0 / inv)).to(dtype)
+    scale_f32 = 1.0 / inv
+    scale, zero = scale_f32.to(dtype), ((off - zero) * scale_f32).to(dtype)
     q = ((groups - zero.float()) / scale.float()).round_().add_(off).clamp_(0, max_q)
     return q.to(torch.uint8).view(rows, cols), scale.view(rows, -1), zero.view(rows, -1)

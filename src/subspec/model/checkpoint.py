@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from subspec.errors import SubspecError
-from subspec.files import SafetensorsFile, read_safetensors_header
+from subspec.files import SAFETENSORS_DTYPES, SafetensorsFile, read_safetensors_header
 from subspec.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors -> torch
 
 # Hugging Face tensor names, the same in every supported family (Llama, Mistral, Qwen2, Qwen3).
 EMBED = "model.embed_tokens.weight"
@@ -106,7 +105,7 @@ class Checkpoint:
         start, end = info["data_offsets"]
         import torch
 
-        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+        dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
         np_dtype = {torch.bfloat16: np.uint16, torch.float16: np.float16}.get(dtype, np.float32)
         arr = np.memmap(
             path,

@@ -136,7 +136,7 @@ class QuantLinear(nn.Module):
         if self.layout != "int4_vnni":
             return bitpack(self.unpacked(), self.bits)
         out = torch.empty(self.out_features, self.in_features * self.bits // 8, dtype=torch.uint8)
-        step = max(1, _PACK_CHUNK_BYTES // (16 * self.in_features))  # tiles at a time
+        step = _tiles_per_block(self.in_features)
         for t in range(0, self.qdata.shape[0], step):
             q = _unpack_int4_vnni(self.qdata[t : t + step], self)  # [16 tiles, in]
             out[16 * t : 16 * t + q.shape[0]] = bitpack(q, self.bits)
@@ -401,13 +401,19 @@ def _pack_int4_vnni(
     out = torch.empty(n // 16, k // g, 8 * g + 64, dtype=torch.uint8)
     pairs = scales_and_zeros.view(k // g, n // 16, 16, 2).transpose(0, 1)  # [t, in / g, 16, 2]
     out[..., 8 * g :] = pairs.contiguous().view(torch.uint8).view(n // 16, k // g, 64)
-    step = max(1, _PACK_CHUNK_BYTES // (16 * k))  # tiles at a time: bounded temporaries
+    step = _tiles_per_block(k)
     for t in range(0, n // 16, step):
         chunk = rows(16 * t, 16 * (t + step))
         tiles = chunk.view(-1, 16, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [t, c, r, half, j]
         values = tiles[:, :, :, 0] | tiles[:, :, :, 1] << 4  # [t, c, r, j]
         out[t : t + step, :, : 8 * g] = values.reshape(-1, k // g, 8 * g)
     return out
+
+
+def _tiles_per_block(in_features: int) -> int:
+    """Tiles of 16 rows converted at a time to or from the int4_vnni layout: temporaries stay
+    around _PACK_CHUNK_BYTES whatever the weight's size."""
+    return max(1, _PACK_CHUNK_BYTES // (16 * in_features))
 
 
 def _unpack_int4_vnni(qdata: Tensor, m: QuantLinear) -> Tensor:
