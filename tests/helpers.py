@@ -27,6 +27,7 @@ from subspec.runtime.build import build_runtime
 from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
 from subspec.runtime.stats import MemoryStats
+from subspec.speculative.decoding import Batch
 
 # Tiny models gain nothing from a second OpenMP thread, and when anything else holds a core the
 # threads' spin-waiting makes each small op ~20x slower (measured: 2.4 s vs 0.14 s).
@@ -161,12 +162,12 @@ def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
 
 
 def make_runtime(model_dir, methods=("vanilla",), budget=None, dtype="float32", spec=None,
-                 draft=None, context=256, numerics=None):  # fmt: skip
+                 draft=None, context=256, numerics=None, prefix_cache=True):  # fmt: skip
     """A runtime over a local model directory, quietly."""
     cfg = RuntimeConfig(
         model=str(model_dir), dtype=dtype, memory_budget=budget, context=context,
         methods=methods, spec=spec or SpecConfig(), draft_model=draft and str(draft),
-        numerics=numerics,
+        numerics=numerics, prefix_cache=prefix_cache,
     )  # fmt: skip
     return build_runtime(cfg, progress=False)
 
@@ -234,14 +235,15 @@ class FakeRuntime:
         self.delay, self.active, self.max_active, self.gate = delay, 0, 0, gate
         self.emitted: list[int] = []  # tokens each decode yielded, in order
 
-    def check(self, prompt_len, max_new_tokens, method):
+    def check(self, prompt_len, max_new_tokens, method, logprobs=None):
         if prompt_len < 1:
             raise SubspecError("the prompt is empty")
         if prompt_len + max_new_tokens > self.cfg.context:
             raise SubspecError("prompt + new tokens exceeds the context")
 
-    def reset(self):
-        pass
+    def start(self, prompt_ids):
+        self.history = list(prompt_ids)
+        return 0
 
     def unavailable(self):
         return None
@@ -257,8 +259,9 @@ class FakeRuntime:
             for i in range(0, len(self.script), 2):
                 time.sleep(self.delay)
                 stats.accept_lengths.append(1)
-                self.emitted[-1] += len(self.script[i : i + 2])
-                yield self.script[i : i + 2]
+                tokens = self.script[i : i + 2]
+                self.emitted[-1] += len(tokens)
+                yield Batch(tokens, torch.zeros(len(tokens), len(self.tokenizer)))
         finally:
             self.active -= 1
 

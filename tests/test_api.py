@@ -61,3 +61,19 @@ def test_bad_input_is_a_subspec_error(llm, tiny_model_dir):
         llm.generate("hello", top_p=0)
     with pytest.raises(SubspecError, match="stop strings"):
         llm.generate("hello", stop=[""])
+
+
+def test_chat_keeps_the_conversation_between_calls(llm):
+    messages = [{"role": "user", "content": "hello"}]
+    first = llm.chat(messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "a"}]
+    second = llm.chat(messages, max_tokens=6)
+    assert first.stats.prompt_tokens <= second.stats.cached_prompt_tokens
+    assert second.stats.cached_prompt_tokens < second.stats.prompt_tokens
+
+
+def test_generate_gives_a_logprob_per_token(llm):
+    result = llm.generate("hello world", max_tokens=8, logprobs=2)
+    assert [e.token for e in result.logprobs] == result.token_ids
+    assert all(len(e.top) == 2 and e.top[0] == (e.token, e.logprob) for e in result.logprobs)
+    assert llm.generate("hello world", max_tokens=8).logprobs is None

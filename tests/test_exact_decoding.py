@@ -147,11 +147,11 @@ def test_prefill_stops_between_chunks_once_cancelled(tiny_model_dir):
     before each chunk: a request abandoned mid-prefill stops there."""
     runtime = make_runtime(tiny_model_dir)
     target, prompt = runtime.target, list(range(5, 45))  # 40 tokens: 5 chunks of 8
-    runtime.reset()
+    target.cache.trim(0)
     with pytest.raises(Cancelled):
         prefill(target, prompt, 8, _SetAfter(2))
     assert target.cache.length == 16  # two chunks ran, the third was refused
-    runtime.reset()
+    target.cache.trim(0)
     prefill(target, prompt, 8, _SetAfter(99))
     assert target.cache.length == 40
     cancelled = threading.Event()

@@ -58,7 +58,7 @@ def subspec_logits(runtime, tokens: torch.Tensor) -> torch.Tensor:
     decode step per token, each at position and slot = the cache's length."""
     assert PREFILL > SMALL_QUERY
     target, cache = runtime.target, runtime.target.cache
-    runtime.reset()
+    cache.trim(0)
     pos = torch.arange(PREFILL)
     hidden = target.forward(tokens[:PREFILL], pos, pos, causal_mask(0, PREFILL, "cpu"), PREFILL)
     cache.advance(PREFILL)

@@ -59,6 +59,7 @@ def test_chat_completion_shape():
         "prompt_tokens": prompt_len,
         "completion_tokens": len(REPLY) + 1,  # the EOS counts
         "total_tokens": prompt_len + len(REPLY) + 1,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     stats = body["subspec"]
     assert stats["method"] == "subspec" and stats["tau"] == pytest.approx(len(REPLY) / 4)

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "Chunk", "Completion", "load"]
+__all__ = ["LLM", "Chunk", "Completion", "TokenLogprob", "load"]
 
 
 def __getattr__(name: str):

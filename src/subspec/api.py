@@ -6,6 +6,10 @@
         for chunk in llm.stream("def is_prime(n):", max_tokens=32):
             print(chunk.text, end="", flush=True)
         reply = llm.chat([{"role": "user", "content": "Why is the sky blue?"}])
+        again = llm.chat([..., {"role": "assistant", "content": reply.text}, ...])
+
+A chat's next turn prefills only what follows the prefix the runtime's cache still holds (the
+last call's prompt and reply): `stats.cached_prompt_tokens` says how many it kept.
 
 Every call goes through `stream_generate`, the one generation contract that the CLI, the
 server and the bench consume: greedy `generate` equals `subspec generate --json` on the same
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from subspec.config import SamplingConfig
 from subspec.errors import SubspecError
 from subspec.runtime.generate import stream_generate
+from subspec.runtime.logprobs import TokenLogprob
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats
 
@@ -34,6 +39,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class LLM:
@@ -55,7 +62,8 @@ class LLM:
     def generate(self, prompt: str, **sampling) -> Completion:
         """Generate after a plain prompt (no chat template, as `subspec generate` without
         --chat). `sampling`: max_tokens (256), temperature (0 = greedy), top_p, top_k, seed,
-        stop (a string or a list)."""
+        stop (a string or a list), logprobs (None; k in 0..20: each token's log probability
+        under the target's own distribution, and its k most likely alternatives)."""
         return _collect(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str, **sampling) -> Iterator[Chunk]:
@@ -77,19 +85,25 @@ class LLM:
 
     def _stream(self, prompt_ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                 top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                stop: str | Sequence[str] = ()) -> Iterator[Chunk]:  # fmt: skip
+                stop: str | Sequence[str] = (), logprobs: int | None = None,
+                ) -> Iterator[Chunk]:  # fmt: skip
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         if any(not s for s in stops):
             raise SubspecError("stop strings must not be empty")
         config = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        request = Request(prompt_ids, self.method, max_tokens, config, stops)
+        request = Request(prompt_ids, self.method, max_tokens, config, stops, logprobs=logprobs)
         events = stream_generate(self.runtime, request)  # checks the request before running
 
         def chunks() -> Iterator[Chunk]:
             for ev in events:
-                yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.stats)
+                yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.stats, ev.logprobs)
 
         return chunks()
+
+    def forget(self) -> None:
+        """Drop the cached conversation (the last call's prompt and output, which the next
+        call reuses as far as its prompt begins the same way)."""
+        self.runtime.forget()
 
     def close(self) -> None:
         """Stop the streaming machinery and close its files (idempotent)."""
@@ -140,11 +154,13 @@ _NOT_OPTIONS = {"command", "prompt", "chat", "json", "verbose", "max_new_tokens"
 
 
 def _collect(chunks: Iterator[Chunk]) -> Completion:
-    pieces, tokens, last = [], [], None
+    pieces, tokens, entries, last = [], [], [], None
     for chunk in chunks:
         pieces.append(chunk.text)
         tokens.extend(chunk.token_ids)
+        entries.extend(chunk.logprobs or ())
         last = chunk
     # a stop string may end inside tokens already passed on: keep the ones the stats count
-    return Completion("".join(pieces), tokens[: last.stats.new_tokens], last.finish_reason,
-                      last.stats)  # fmt: skip
+    n = last.stats.new_tokens
+    logprobs = entries[:n] if last.logprobs is not None else None
+    return Completion("".join(pieces), tokens[:n], last.finish_reason, last.stats, logprobs)

@@ -145,6 +145,8 @@ class RuntimeConfig:
     draft_model: str | None = None  # classic speculation's draft
     prefill_chunk: int = 512
     n_buffers: int = 2
+    # keep the KV of the last request's longest prefix in common with the next prompt
+    prefix_cache: bool = True
     map_embeddings: bool = False  # read embedding rows from the checkpoint even when all fits
     # "exact": the target's linears and attention give each row the same bits whatever the
     # batch (a tree, a prefill chunk or one token), so bf16 speculation equals vanilla; "fast":

@@ -39,6 +39,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--numerics", default=None, choices=NUMERICS,
                    help="exact: bf16 output identical for every method (default on CPU); "
                    "fast: torch's kernels (default on CUDA)")  # fmt: skip
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole, instead of only what follows the longest "
+                   "prefix it shares with the last request's prompt and output")  # fmt: skip
     g.add_argument("--verbose", action="store_true", help="print the placement summary")
     s = p.add_argument_group("speculation")
     s.add_argument("--method", default=None, choices=METHODS,
@@ -158,6 +161,7 @@ def runtime_config(args, methods: tuple[str, ...]) -> RuntimeConfig:
         model=args.model, dtype=args.dtype, device=args.device, memory_budget=budget,
         context=args.context, methods=methods, spec=spec_config(args),
         draft_model=args.draft_model, numerics=args.numerics,
+        prefix_cache=not args.no_prefix_cache,
     )  # fmt: skip
 
 

@@ -31,11 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from subspec.app.http import ApiError, BodyLimit
+from subspec.app.logprob_format import ChatLogprobs, CompletionLogprobs
 from subspec.app.queue import END, Job, QueueFull, Worker
 from subspec.config import SamplingConfig, default_method
 from subspec.errors import SubspecError
 from subspec.model.tokenizer import encode, encode_messages
 from subspec.runtime.generate import Event
+from subspec.runtime.logprobs import MAX_TOP_LOGPROBS
 from subspec.runtime.runtime import Request
 
 HIDDEN_STATS = ("accept_lengths", "placement")  # too bulky for every response
@@ -88,6 +90,10 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
+    def top_logprobs_count(self) -> int | None:
+        """None: no log probabilities; k: each token's and its k most likely alternatives'."""
+        return None
+
     def unsupported(self) -> list[str]:
         """Extra fields that would change the answer: anything not neutral nor ignorable."""
         extra = self.model_extra or {}
@@ -107,10 +113,21 @@ def _neutral(key: str, value) -> bool:
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI's is 0..5
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 def make_request(runtime, method: str, req: SamplingRequest, prompt_ids: list[int],
@@ -131,8 +148,9 @@ def make_request(runtime, method: str, req: SamplingRequest, prompt_ids: list[in
         top_k=req.top_k or 0,
         seed=random.randrange(2**63) if req.seed is None else req.seed,
     )
-    request = Request(prompt_ids, method, max_new, sampling, _stops(req.stop))
-    runtime.check(len(prompt_ids), max_new, method)
+    logprobs = req.top_logprobs_count()
+    request = Request(prompt_ids, method, max_new, sampling, _stops(req.stop), logprobs=logprobs)
+    runtime.check(len(prompt_ids), max_new, method, logprobs)
     return request
 
 
@@ -159,6 +177,7 @@ def _usage(final: Event) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": final.stats.cached_prompt_tokens},
     }
 
 
@@ -170,13 +189,13 @@ def _finish(final: Event) -> str:
     return final.finish_reason or "length"  # the decoder ran out of cache
 
 
-def _chat_choice(text: str | None, reason: str | None) -> dict:
+def _chat_choice(text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
     delta = {} if text is None else {"content": text}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 
-def _text_choice(text: str | None, reason: str | None) -> dict:
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+def _text_choice(text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
 
 
 def _sse(data: dict | str) -> str:
@@ -207,28 +226,34 @@ async def _job_events(job: Job, http: HttpRequest) -> AsyncIterator[Event]:
         job.cancel()
 
 
-async def _complete(job: Job, http: HttpRequest) -> tuple[str, Event]:
-    """Run a job to the end: the whole text and the final event."""
-    pieces, final = [], None
+async def _complete(job: Job, http: HttpRequest, logprobs: Callable | None = None
+                    ) -> tuple[str, Event, dict | None]:  # fmt: skip
+    """Run a job to the end: the whole text, the final event and, when the request asked,
+    the log probabilities of all its tokens in `logprobs`'s shape."""
+    pieces, final, entries = [], None, []
     async for ev in _job_events(job, http):
         pieces.append(ev.text)
+        entries.extend(ev.logprobs or ())
         final = ev
     if final is None or final.stats is None:  # the client left
         raise ApiError("the client disconnected", status=499)
-    return "".join(pieces), final
+    return "".join(pieces), final, logprobs(entries) if logprobs else None
 
 
 async def _stream(
     job: Job, http: HttpRequest, base: dict, choice: Callable, include_usage: bool,
-    head: tuple[dict, ...] = (),
+    head: tuple[dict, ...] = (), logprobs: Callable | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events: `head` choices, one chunk per text delta, the finish, [DONE]."""
+    """Server-sent events: `head` choices, one chunk per text delta (or per batch of tokens,
+    with their log probabilities in `logprobs`'s shape, when asked), the finish, [DONE]."""
     for c in head:
         yield _sse({**base, "choices": [c]})
     final = None
     try:
         async for ev in _job_events(job, http):
-            if ev.text:
+            if logprobs and ev.logprobs:
+                yield _sse({**base, "choices": [choice(ev.text, None, logprobs(ev.logprobs))]})
+            elif ev.text:
                 yield _sse({**base, "choices": [choice(ev.text, None)]})
             final = ev
     except SubspecError as e:
@@ -357,7 +382,9 @@ def create_app(
     Sampling fields: temperature (default 0, greedy; 0..2), top_p (default 1), top_k (an
     extension, default 0 = off), seed (default random), stop (a string or a list of up to 4),
     max_tokens or max_completion_tokens (default: `max_tokens`, the server's cap, or the rest
-    of the context, whichever is less). Non-streamed responses carry
+    of the context, whichever is less). Log probabilities: chat's logprobs (bool) and
+    top_logprobs (0..20), completions' logprobs (0..20), from the target's own logits (before
+    temperature, top-k and top-p). Non-streamed responses carry
     a `subspec` field with the decoding statistics (method, tau, decode tokens/s, ...);
     streamed responses carry it on the chunk with the finish_reason.
     """
@@ -393,14 +420,17 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         prompt_ids = await asyncio.to_thread(_chat_prompt, runtime, req.messages)
         job = service.submit(req, prompt_ids)
         usage = bool(req.stream_options and req.stream_options.include_usage)
+        shape = ChatLogprobs(runtime.tokenizer) if req.logprobs else None
         if req.stream:
             base = _base("chatcmpl", "chat.completion.chunk", model)
             role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}  # fmt: skip
-            return JobStream(job, _stream(job, http, base, _chat_choice, usage, (role,)))
-        text, final = await _complete(job, http)
+            events = _stream(job, http, base, _chat_choice, usage, (role,), shape)
+            return JobStream(job, events)
+        text, final, logprobs = await _complete(job, http, shape)
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(final)}
+        choice = {"index": 0, "message": message, "logprobs": logprobs,
+                  "finish_reason": _finish(final)}  # fmt: skip
         return {
             **_base("chatcmpl", "chat.completion", model),
             "choices": [choice],
@@ -414,12 +444,13 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         job = service.submit(req, prompt_ids)
         usage = bool(req.stream_options and req.stream_options.include_usage)
         base = _base("cmpl", "text_completion", model)
+        shape = CompletionLogprobs(runtime.tokenizer) if req.logprobs is not None else None
         if req.stream:
-            return JobStream(job, _stream(job, http, base, _text_choice, usage))
-        text, final = await _complete(job, http)
+            return JobStream(job, _stream(job, http, base, _text_choice, usage, (), shape))
+        text, final, logprobs = await _complete(job, http, shape)
         return {
             **base,
-            "choices": [_text_choice(text, _finish(final))],
+            "choices": [_text_choice(text, _finish(final), logprobs)],
             "usage": _usage(final),
             "subspec": _subspec(final),
         }

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
 VARIANTS = (
-    "no-overlap, plain-stream, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN"
+    "no-overlap, plain-stream, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN, "
+    "dtempX (the draft temperature)"
 )
 
 
@@ -98,6 +99,8 @@ def _variant_override(option: str) -> dict:
         return {m.group(1): None if m.group(2) == "auto" else int(m.group(2))}
     if m := re.fullmatch(r"guesses(\d+)", option):
         return {"guesses": int(m.group(1))}
+    if m := re.fullmatch(r"dtemp(\d+(?:\.\d+)?)", option):
+        return {"draft_temperature": float(m.group(1))}
     if m := re.fullmatch(r"head(\d+)", option):  # the draft LM head's bits (16: the target's)
         return {"draft_head_bits": int(m.group(1))}
     raise SubspecError(f"unknown method variant {option!r}; variants: {VARIANTS}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from subspec.runtime.logprobs import TokenLogprob, batch_logprobs
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.session import Session
 from subspec.runtime.stats import GenerationStats
@@ -22,6 +23,8 @@ class Event:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
     stats: GenerationStats | None = None
+    # one per token id when the request asks for them (the final event's: []), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class TextStream:
@@ -87,27 +90,36 @@ def _events(session: Session) -> Iterator[Event]:
     first EOS, then the first stop string; only the tokens whose text is shown are counted."""
     runtime, request = session.runtime, session.request
     text = TextStream(runtime.tokenizer, request.stop)
+    top = request.logprobs
+    entries = [] if top is not None else None  # one per token in text.ids
     emitted, reason = 0, None
-    for ids in session.token_batches():
-        ids, reason = _apply_limits(ids, emitted, request.max_new_tokens, runtime.eos_ids)
+    for batch in session.token_batches():
+        ids, reason = _apply_limits(batch.tokens, emitted, request.max_new_tokens, runtime.eos_ids)
+        if entries is not None:
+            entries.extend(batch_logprobs(batch, len(ids), top))
         shown = text.sent
         delta = text.add(ids)
         hit = text.stop_at(shown) if request.stop else None
         if hit is not None:  # tokens already passed on but wholly inside the stop don't count
             kept = text.tokens_before(hit)
-            yield Event(text.text[shown:hit], text.ids[emitted:kept])
+            yield Event(text.text[shown:hit], text.ids[emitted:kept],
+                        logprobs=_part(entries, emitted, kept))  # fmt: skip
             emitted, reason = kept, "stop"
             break
-        emitted += len(ids)
         if reason:
             delta += text.flush()
-        yield Event(delta, ids)
+        yield Event(delta, ids, logprobs=_part(entries, emitted, emitted + len(ids)))
+        emitted += len(ids)
         if reason:
             break
     else:  # the method ran out of room before any limit
         if tail := text.flush():
-            yield Event(tail, [])
-    yield Event("", [], finish_reason=reason, stats=session.stats(emitted))
+            yield Event(tail, [], logprobs=_part(entries, 0, 0))
+    yield Event("", [], reason, session.stats(emitted), _part(entries, 0, 0))
+
+
+def _part(entries: list | None, start: int, end: int) -> list | None:
+    return None if entries is None else entries[start:end]
 
 
 def _apply_limits(ids, emitted, limit, eos_ids) -> tuple[list[int], str | None]:

@@ -1,7 +1,9 @@
 """The runtime: a target placed under a budget and the drafters that serve it.
 
-It holds no per-request state (runtime/session.py does): one runtime serves request after
-request, one at a time. Built by runtime/build.py.
+It holds no per-request state (runtime/session.py does) but what its KV cache holds between
+requests: the last request's prompt and committed tokens, whose longest prefix in common with
+the next prompt is kept (prefix reuse: a chat's next turn prefills only what is new). One
+runtime serves request after request, one at a time. Built by runtime/build.py.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from subspec.model.tokenizer import encode
 from subspec.offload.planner import Placement
 from subspec.offload.prefetch import Prefetcher
 from subspec.offload.streamed import StreamedLayers
+from subspec.runtime.logprobs import MAX_TOP_LOGPROBS
 from subspec.runtime.stats import MemoryStats
-from subspec.speculative.decoding import DecodeStats, speculative, vanilla
+from subspec.speculative.decoding import Batch, DecodeStats, speculative, vanilla
 from subspec.speculative.drafters import Drafter
 
 
@@ -35,6 +38,8 @@ class Request:
     # set by whoever may abandon the request (the server's queue): prefill stops between its
     # chunks once it is set (speculative/decoding.py, Cancelled)
     cancelled: threading.Event | None = None
+    # None: no log probabilities; k: each token's, and the k most likely at its place
+    logprobs: int | None = None
 
 
 @dataclass
@@ -68,14 +73,19 @@ class Runtime:
     rss_before_load: int
     load_peak_rss: int  # peak RSS through loading and preparation (quantizing, writing files)
     drafters: dict[str, Drafter] = field(default_factory=dict)  # method -> its draft
+    # the token ids of the last request (prompt, then committed tokens): the cache's slots hold
+    # their KV as far as its length reaches
+    history: list[int] = field(default_factory=list)
     _closed: bool = False
 
     @property
     def methods(self) -> tuple[str, ...]:
         return ("vanilla", *self.drafters)
 
-    def check(self, prompt_len: int, max_new_tokens: int, method: str) -> None:
-        """Refuse a request that names an unloaded method or would overflow the KV cache."""
+    def check(self, prompt_len: int, max_new_tokens: int, method: str,
+              logprobs: int | None = None) -> None:  # fmt: skip
+        """Refuse a request that names an unloaded method, would overflow the KV cache or asks
+        for more top log probabilities than MAX_TOP_LOGPROBS."""
         if method not in self.methods:
             raise SubspecError(
                 f"method {method!r} is not loaded; available: {', '.join(self.methods)}"
@@ -84,6 +94,8 @@ class Runtime:
             raise SubspecError("the prompt is empty")
         if max_new_tokens < 1:
             raise SubspecError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise SubspecError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         if prompt_len + max_new_tokens > self.cfg.context:
             raise SubspecError(
                 f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the "
@@ -94,14 +106,21 @@ class Runtime:
         """Token ids of a prompt, through the model's chat template when `chat`."""
         return encode(self.tokenizer, prompt, chat)
 
-    def reset(self) -> None:
-        """Empty every cache and zero the transfer counters, for a new request."""
-        self.target.cache.trim(0)
+    def start(self, prompt_ids: list[int]) -> int:
+        """Ready the cache for a new request and zero the transfer counters. The cache keeps
+        the longest prefix it holds of `prompt_ids`, all of the prompt but its last token at
+        most (whose logits the request needs), nothing with prefix_cache off; `history`
+        becomes the prompt, for the request to extend. Returns the prompt tokens kept."""
+        held = self.history[: self.target.cache.length] if self.cfg.prefix_cache else []
+        kept = _common_prefix(held, prompt_ids[:-1])
+        self.target.cache.trim(kept)
+        self.history = list(prompt_ids)
         if self.streaming is not None:
             self.streaming.reset()
+        return kept
 
-    def decode(self, request: Request, gen, counters: DecodeStats) -> Iterator[list[int]]:
-        """The request's method as a stream of committed tokens, a list per target pass."""
+    def decode(self, request: Request, gen, counters: DecodeStats) -> Iterator[Batch]:
+        """The request's method as a stream of committed tokens, a Batch per target pass."""
         chunk, prompt, sampling = self.cfg.prefill_chunk, request.prompt_ids, request.sampling
         if request.method == "vanilla":
             return vanilla(self.target, prompt, sampling, gen, counters, chunk, request.cancelled)
@@ -110,6 +129,11 @@ class Runtime:
             self.target, drafter, prompt, sampling, self.cfg.spec, gen, counters, chunk,
             request.cancelled,
         )  # fmt: skip
+
+    def forget(self) -> None:
+        """Drop the cached prefix: the next request prefills its whole prompt."""
+        self.history = []
+        self.target.cache.trim(0)
 
     def memory_stats(self) -> MemoryStats:
         p, s = self.placement, self.streaming
@@ -143,3 +167,12 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -10,27 +10,33 @@ import torch
 from subspec.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, reset_peak_rss
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats, SpecStats
-from subspec.speculative.decoding import DecodeStats
+from subspec.speculative.decoding import Batch, DecodeStats
 
 
 class Session:
-    """A request's state: validated against the runtime, which is reset for it."""
+    """A request's state: validated against the runtime, which is readied for it (keeping the
+    cached prefix of its prompt)."""
 
     def __init__(self, runtime: Runtime, request: Request):
-        runtime.check(len(request.prompt_ids), request.max_new_tokens, request.method)
+        runtime.check(len(request.prompt_ids), request.max_new_tokens, request.method,
+                      request.logprobs)  # fmt: skip
         self.runtime, self.request = runtime, request
         # on the runtime's device: torch.multinomial needs a generator where its input lives
         device = runtime.target.device
         self.gen = torch.Generator(device=device).manual_seed(request.sampling.seed)
         self.counters = DecodeStats()
-        runtime.reset()
+        self.cached_prompt_tokens = runtime.start(request.prompt_ids)
         reset_peak_rss()
         reset_device_peak(device)
         self.started = time.perf_counter()
 
-    def token_batches(self) -> Iterator[list[int]]:
-        """The method's committed tokens, a list per target pass (see speculative/decoding.py)."""
-        return self.runtime.decode(self.request, self.gen, self.counters)
+    def token_batches(self) -> Iterator[Batch]:
+        """The method's committed tokens, a Batch per target pass (speculative/decoding.py);
+        each joins the runtime's history as it commits."""
+        history = self.runtime.history  # the prompt, so far
+        for batch in self.runtime.decode(self.request, self.gen, self.counters):
+            history.extend(batch.tokens)
+            yield batch
 
     def stats(self, new_tokens: int) -> GenerationStats:
         """The record of this generation so far, `new_tokens` emitted."""
@@ -59,6 +65,7 @@ class Session:
         return GenerationStats(
             method=method,
             prompt_tokens=len(self.request.prompt_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
             new_tokens=new_tokens,
             prefill_s=round(c.prefill_s, 4),
             decode_s=round(decode_s, 4),

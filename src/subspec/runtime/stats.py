@@ -54,6 +54,7 @@ class GenerationStats:
     memory: MemoryStats
     spec: SpecStats | None = None
     device_peak_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV the last request left (not prefilled)
     top2_margins: list[float] | None = None  # vanilla greedy: the top-2 logit gap per token
 
     @property

@@ -1,8 +1,11 @@
-"""Decoding loops. Each yields lists of newly committed token ids; generate.py adds the
-stopping rules, text and statistics that every method shares.
+"""Decoding loops. Each yields a Batch per target pass: the newly committed token ids and the
+target's logits they were chosen from; generate.py adds the stopping rules, text, log
+probabilities and statistics that every method shares.
 
 Convention: the KV cache holds every committed token except the last one (`pending`), which
-is the next input: the vanilla step's token, or the root of a speculative tree.
+is the next input: the vanilla step's token, or the root of a speculative tree. A request may
+start on a cache that already holds a prefix of its prompt (runtime.py, prefix reuse): prefill
+computes only the rest.
 """
 
 from __future__ import annotations
@@ -68,16 +71,32 @@ def _waited(streamed) -> float:
     return streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Tokens committed by one target pass, with the logits the target chose each of them from."""
+
+    tokens: list[int]
+    logits: torch.Tensor  # [n, V] the pass's logits (n >= 1)
+    rows: torch.Tensor | None = None  # [len(tokens)] each token's row of `logits`; None: 0, 1, ..
+
+    def token_logits(self) -> torch.Tensor:
+        """[len(tokens), V]: the target's logits that each token was chosen from."""
+        return self.logits if self.rows is None else self.logits[self.rows]
+
+
 class Cancelled(Exception):
     """The request was cancelled while its prompt was being prefilled."""
 
 
 def prefill(target: PlacedModel, prompt: list[int], chunk: int, cancelled=None) -> torch.Tensor:
-    """Run the prompt through an empty cache in chunks; returns the last position's logits [V].
+    """Run the prompt, after the part the cache already holds (fewer slots than the prompt's
+    tokens), through the target in chunks; returns the last position's logits [V].
     `cancelled` (a threading.Event or None) is checked before each chunk: a long prompt's
     prefill (a pass over every weight per chunk) stops there, raising Cancelled."""
     cache = target.cache
-    for start in range(0, len(prompt), chunk):
+    if not cache.length < len(prompt):
+        raise ValueError(f"the cache holds {cache.length} slots of a {len(prompt)}-token prompt")
+    for start in range(cache.length, len(prompt), chunk):
         if cancelled is not None and cancelled.is_set():
             raise Cancelled
         ids = torch.tensor(prompt[start : start + chunk], dtype=torch.long, device=target.device)
@@ -96,7 +115,7 @@ def vanilla(
     stats: DecodeStats,
     chunk: int,
     cancelled=None,
-) -> Iterator[list[int]]:
+) -> Iterator[Batch]:
     """Plain autoregressive decoding: one target pass per token (`cancelled`: see prefill)."""
     t0 = time.perf_counter()
     logits = prefill(target, prompt, chunk, cancelled)
@@ -107,7 +126,7 @@ def vanilla(
             top2 = logits.topk(2).values
             stats.margins.append(float(top2[0] - top2[1]))
         pending = choose(logits, sampling, gen)
-        yield [pending]
+        yield Batch([pending], logits[None])
         slot = torch.tensor([cache.length], device=device)
         tok = torch.tensor([pending], device=device)
         hidden = target.forward(tok, slot, slot, None, cache.length + 1)
@@ -119,18 +138,19 @@ def vanilla(
 def speculative(
     target: PlacedModel, drafter, prompt: list[int], sampling: SamplingConfig, spec: SpecConfig,
     gen, stats: DecodeStats, chunk: int, cancelled=None,
-) -> Iterator[list[int]]:  # fmt: skip
+) -> Iterator[Batch]:  # fmt: skip
     """Draft a tree, verify it in one target pass, emit the accepted path and the bonus token.
 
     With spec.overlap and streamed target layers, the next tree is drafted during the pass's
     waits for weights (lookahead.py) and used when its guess comes true. `cancelled`: see
     prefill."""
     t0 = time.perf_counter()
-    pending = choose(prefill(target, prompt, chunk, cancelled), sampling, gen)
+    logits = prefill(target, prompt, chunk, cancelled)
+    pending = choose(logits, sampling, gen)
     drafter.prefill(prompt, chunk)
     stats.prefill_s = time.perf_counter() - t0
     cache, device, streamed = target.cache, target.device, target.layers.streamer
-    yield [pending]
+    yield Batch([pending], logits[None])
     builder = None  # the next tree, when drafted ahead
     chooser = ShapeChooser(spec)
     while True:
@@ -184,4 +204,5 @@ def speculative(
         if ahead:
             chooser.observe_lookahead(whole, builder is not None, free_s, ahead.rows)
         pending = verdict.bonus
-        yield verdict.tokens
+        # each token's row: the root's for the first, then each accepted node's for the next
+        yield Batch(verdict.tokens, logits, torch.cat([nodes.new_zeros(1), nodes]))
