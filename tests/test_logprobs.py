@@ -59,8 +59,11 @@ def completion_logprobs(client, stream: bool) -> tuple[list, list, list, list]:
         model=client.models.list().data[0].id, prompt="the cat sat on", max_tokens=20,
         temperature=0, logprobs=4, stream=stream,
     )  # fmt: skip
-    parts = [c.choices[0].logprobs for c in reply if c.choices[0].logprobs] if stream else [
-        reply.choices[0].logprobs]
+    parts = (
+        [c.choices[0].logprobs for c in reply if c.choices[0].logprobs]
+        if stream
+        else [reply.choices[0].logprobs]
+    )
     return tuple([x for p in parts for x in getattr(p, k)]
                  for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"))  # fmt: skip
 
@@ -118,7 +121,6 @@ def test_bad_logprob_requests_get_400(clients, extra):
         client.chat.completions.create(model=client.models.list().data[0].id, messages=HELLO,
                                        **extra)  # fmt: skip
     assert "logprobs" in str(err.value)
-
 
 
 def test_usage_reports_the_cached_prompt_tokens(clients):

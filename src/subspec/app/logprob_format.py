@@ -44,7 +44,8 @@ class CompletionLogprobs:
         return {
             "tokens": texts,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(self.tokenizer, t): lp for t, lp in e.top}
-                             for e in entries],  # fmt: skip
+            "top_logprobs": [
+                {token_text(self.tokenizer, t): lp for t, lp in e.top} for e in entries
+            ],  # fmt: skip
             "text_offset": offsets,
         }
