@@ -99,3 +99,33 @@ def test_scaled_logsumexp_matches_torch(dtype):
     want = torch.logsumexp(x.float() * 5.0, -1)
     assert torch.equal(got[3], want[3])  # -inf
     assert torch.allclose(got[:3], want[:3], rtol=1e-6, atol=1e-5)
+
+
+def test_fused_draft_layer_refuses_slots_outside_the_cache(tmp_path, monkeypatch):
+    """A slot past the cache's capacity (or below 0) is refused by the Python wrapper and, with
+    that check bypassed, by the kernel itself: an exception, never a write out of bounds."""
+    from subspec.kernels import draft_layer
+
+    path = write_tiny("qwen2", tmp_path / "m")
+    methods = ("vanilla", "subspec")
+    rt = make_runtime(path, methods, budget=minimum_budget(path, methods, dtype="bfloat16"),
+                      dtype="bfloat16")  # fmt: skip
+    layer, fused = next((i, w.fused) for i, w in rt.drafters["subspec"].layers.resident.items()
+                        if w.fused is not None)  # fmt: skip
+    cfg, cache = rt.model_cfg, rt.target.cache
+    x = torch.randn(1, cfg.hidden_size).bfloat16()
+    cos = sin = torch.ones(1, cfg.head_dim, dtype=torch.bfloat16)
+
+    def call(slot: int):
+        return fused(cfg, x, cos, sin, cache, layer, torch.tensor([slot]), None, 1)
+
+    assert call(0).shape == x.shape
+    for slot in (cache.capacity, -1):
+        with pytest.raises(ValueError, match="outside"):
+            call(slot)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused(cfg, x, cos[:, :-1], sin, cache, layer, torch.tensor([0]), None, 1)
+    monkeypatch.setattr(draft_layer, "_check", lambda *args: None)
+    for slot in (cache.capacity, -1):
+        with pytest.raises(RuntimeError, match="failed"):
+            call(slot)

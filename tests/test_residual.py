@@ -129,6 +129,32 @@ def test_encode_and_decode_refuse_what_does_not_match():
         residual.decode(parts, sub, torch.empty(48 * 128 - 1, dtype=torch.bfloat16))
 
 
+@codec
+@pytest.mark.parametrize("fast", [True, False], ids=["simd", "scalar"])
+def test_a_corrupted_residual_form_is_refused_not_read_past(fast, request):
+    """Escape tables that do not start at 0, decrease, or reach past the escapes, and residuals
+    that ask for more or fewer escapes than their tile's: an exception, never a stray read."""
+    if fast:
+        request.getfixturevalue("simd_codec")
+    w = _weight(64, 256, 5)
+    sub = quantize_linear(w, None, bits=4, group_size=64, optimize=False)
+    parts = residual.encode(w, sub)
+    out = torch.empty(w.numel(), dtype=torch.bfloat16)
+    tiles, resid = parts["tile_escapes"], parts["residual"]
+    assert tiles[-1] > tiles[1] > 0
+    broken = [
+        {"tile_escapes": tiles + 1},
+        {"tile_escapes": torch.cat([tiles[:1], tiles[2:3], tiles[1:2], tiles[3:]])},
+        {"escapes": parts["escapes"][:-1].clone()},
+        {"residual": torch.where(resid == -128, 0, resid).to(torch.int8)},  # escapes unused
+        {"residual": torch.full_like(resid, -128)},  # every weight escapes
+    ]
+    for change in broken:
+        with pytest.raises(ValueError, match="inconsistent"):
+            residual.decode({**parts, **change}, sub, out, fast)
+    assert torch.equal(_bits(residual.decode(parts, sub, out, fast)), _bits(w))
+
+
 @streams
 @pytest.mark.parametrize("share", [0.7, 0.0])
 def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):

@@ -236,7 +236,9 @@ def test_health_is_503_while_the_runtime_cannot_serve():
     assert response.json()["status"] == "unavailable" and "read failed" in response.json()["reason"]
 
 
-def test_a_failed_read_makes_the_runtime_unavailable(tiny_model_dir, monkeypatch):
+def test_a_failed_read_makes_the_runtime_unavailable_until_the_next_request(
+    tiny_model_dir, monkeypatch
+):
     budget = minimum_budget(tiny_model_dir, ("vanilla",))
     runtime = make_runtime(tiny_model_dir, budget=budget)
     assert runtime.placement.streams and runtime.unavailable() is None
@@ -249,5 +251,12 @@ def test_a_failed_read_makes_the_runtime_unavailable(tiny_model_dir, monkeypatch
     with pytest.raises(SubspecError, match="prefetch reader failed"):
         list(stream_generate(runtime, Request(ids, "vanilla", 4)))
     assert "read failed" in runtime.unavailable()
+    monkeypatch.undo()  # the disk works again: the next request reads anew and is served
+
+    def tokens(rt) -> list[int]:
+        return [t for ev in stream_generate(rt, Request(ids, "vanilla", 4)) for t in ev.token_ids]
+
+    assert tokens(runtime) == tokens(make_runtime(tiny_model_dir))  # all resident
+    assert runtime.unavailable() is None
     runtime.close()
     assert runtime.unavailable() is not None

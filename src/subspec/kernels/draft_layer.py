@@ -74,16 +74,20 @@ class FusedDraftLayer:
 
     def __call__(self, cfg, x, cos, sin, cache, layer, slots, mask, kv_len) -> torch.Tensor:
         """The layer's output [T, H] bf16 for x [T, H] bf16 (cos, sin [T, D] bf16; slots [T];
-        mask [T, kv_len] bool or None); writes the T keys and values into `cache`."""
+        mask [T, kv_len] bool or None); writes the T keys and values into `cache`. Shapes and
+        slots are checked here and again by the kernel (ValueError, RuntimeError)."""
+        t = x.shape[0]
         out = x.contiguous().clone()  # [T, H], replaced in place by the kernel
+        # every tensor whose address the kernel gets is bound here, alive through the call
+        cos, sin = cos.contiguous(), sin.contiguous()  # [T, D] each
+        slots = slots.to(torch.int64).contiguous()  # [T]
+        mask = None if mask is None else mask.contiguous()  # [T, kv_len]
+        _check(cfg, out, cos, sin, slots, mask, kv_len, cache.capacity)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # [Hkv, S, D] each
         rc = _lib().subspec_draft_layer(
-            ctypes.byref(self._layer(cfg)), out.data_ptr(), out.shape[0],
-            cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-            k_cache.data_ptr(), v_cache.data_ptr(), cache.capacity,
-            slots.to(torch.int64).contiguous().data_ptr(),
-            None if mask is None else mask.contiguous().data_ptr(), kv_len,
-            torch.get_num_threads(),
+            ctypes.byref(self._layer(cfg)), out.data_ptr(), t, cos.data_ptr(), sin.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), cache.capacity, slots.data_ptr(),
+            None if mask is None else mask.data_ptr(), kv_len, torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"fused draft layer failed ({rc}) for x {tuple(x.shape)}")
@@ -102,3 +106,17 @@ class FusedDraftLayer:
             )  # fmt: skip
             self._packed = packed
         return self._struct
+
+
+def _check(cfg, x, cos, sin, slots, mask, kv_len: int, capacity: int) -> None:
+    """Refuse what the kernel would read or write out of bounds."""
+    t, d = x.shape[0], cfg.head_dim
+    if x.shape != (t, cfg.hidden_size) or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} "
+                         f"do not fit hidden {cfg.hidden_size}, head_dim {d}")  # fmt: skip
+    bad_mask = mask is not None and (mask.shape != (t, kv_len) or mask.dtype != torch.bool)
+    if slots.shape != (t,) or bad_mask:
+        raise ValueError(f"slots {tuple(slots.shape)} or mask do not fit {t} rows x {kv_len}")
+    inside = t == 0 or 0 <= int(slots.min()) and int(slots.max()) < capacity
+    if not (0 < kv_len <= capacity and inside):
+        raise ValueError(f"slots or kv_len {kv_len} outside the cache's {capacity} slots")

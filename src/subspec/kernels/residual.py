@@ -30,7 +30,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.subspec_residual_encode.restype = _I64
     lib.subspec_residual_encode.argtypes = [_VOID] * 5 + [_I64] * 3
     lib.subspec_residual_decode.restype = _INT
-    lib.subspec_residual_decode.argtypes = [_VOID] * 5 + [_I64] * 3 + [_INT] * 2
+    lib.subspec_residual_decode.argtypes = (
+        [_VOID] * 3 + [_I64] + [_VOID] * 2 + [_I64] * 3 + [_INT] * 2
+    )
     lib.subspec_residual_simd.restype = _INT
     return lib
 
@@ -98,11 +100,19 @@ def decode(parts: dict[str, torch.Tensor], sub: QuantLinear, out: torch.Tensor,
     resid, escapes, tiles = parts["residual"], parts["escapes"], parts["tile_escapes"]
     if resid.numel() != n * k or tiles.numel() != n // 16 + 1 or out.numel() < n * k:
         raise ValueError(f"residual parts or buffer do not match W [{n}, {k}]")
+    dtypes = (resid.dtype, escapes.dtype, tiles.dtype)
+    contiguous = all(t.is_contiguous() for t in (resid, escapes, tiles, out))
+    if dtypes != (torch.int8, torch.int16, torch.int32) or not contiguous:
+        raise ValueError("residual parts are not contiguous int8, int16 and int32 tensors")
     weight = out[: n * k].view(n, k)
     rc = _lib().subspec_residual_decode(
-        sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), tiles.data_ptr(),
-        weight.data_ptr(), n, k, sub.group_size, int(simd), torch.get_num_threads(),
+        sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), escapes.numel(),
+        tiles.data_ptr(), weight.data_ptr(), n, k, sub.group_size, int(simd),
+        torch.get_num_threads(),
     )  # fmt: skip
+    if rc == 2:
+        raise ValueError(f"the residual form of W [{n}, {k}] is inconsistent: its escape table "
+                         "disagrees with its residuals (a corrupted file?)")  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"residual decode failed ({rc}) for W [{n}, {k}]")
     return weight

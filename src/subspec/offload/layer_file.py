@@ -7,6 +7,9 @@ File layout (every boundary a multiple of ``ALIGN`` = 4096 bytes)::
                                      data region: each tensor's raw bytes at its ``offset``
                                      (relative to the data region), zeros in between and after
 
+The JSON holds the tensors' layout and ``crc32``, the CRC-32 of the whole data region, which a
+reader checks the first time it reads the file (``DiskStore``).
+
 A reader copies the whole data region into one uint8 buffer and takes zero-copy views of it
 with :func:`tensors_from_buffer`; the same layout is used in host memory by ``PinnedHostStore``.
 """
@@ -16,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,7 @@ class LayerManifest:
     tensors: tuple[TensorEntry, ...]
     total_bytes: int  # data region size, multiple of ALIGN: the bytes a reader must fetch
     data_offset: int = 0  # header size in a file (0 for an in-memory layout)
+    crc32: int | None = None  # of the data region, in a file (None for an in-memory layout)
 
     @property
     def file_bytes(self) -> int:
@@ -59,6 +64,7 @@ class LayerManifest:
         """The JSON-serialisable form stored in the file header (without data_offset)."""
         return {
             "total_bytes": self.total_bytes,
+            "crc32": self.crc32,
             "tensors": [
                 {
                     "name": t.name,
@@ -115,13 +121,19 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data[:_WRITE_CHUNK]) :]
 
 
-def _write_body(fd: int, tensors: Mapping[str, torch.Tensor], manifest: LayerManifest) -> None:
+def _body(tensors: Mapping[str, torch.Tensor], manifest: LayerManifest) -> Iterator[memoryview]:
+    """The data region, piece by piece: the tensors' bytes and the zeros between them."""
     pos = 0
     for entry in manifest.tensors:
-        _write_all(fd, memoryview(bytes(entry.offset - pos)))
-        _write_all(fd, memoryview(_raw_bytes(tensors[entry.name]).numpy()))
+        yield memoryview(bytes(entry.offset - pos))
+        yield memoryview(_raw_bytes(tensors[entry.name]).numpy())
         pos = entry.offset + entry.nbytes
-    _write_all(fd, memoryview(bytes(manifest.total_bytes - pos)))
+    yield memoryview(bytes(manifest.total_bytes - pos))
+
+
+def checksum(data, crc: int = 0) -> int:
+    """CRC-32 of `data` (a buffer) continuing `crc`: zlib's, which releases the GIL."""
+    return zlib.crc32(data, crc)
 
 
 def write_layer_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> LayerManifest:
@@ -131,14 +143,19 @@ def write_layer_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     then dropped from the page cache so writing a model does not leave it cached in RAM.
     """
     path = Path(path)
-    manifest = plan_layout(tensors)
-    header = _header(manifest)
-    manifest = LayerManifest(manifest.tensors, manifest.total_bytes, len(header))
+    layout = plan_layout(tensors)
+    crc = 0
+    for piece in _body(tensors, layout):
+        crc = checksum(piece, crc)
+    layout = LayerManifest(layout.tensors, layout.total_bytes, crc32=crc)
+    header = _header(layout)
+    manifest = LayerManifest(layout.tensors, layout.total_bytes, len(header), crc)
     with atomic_output(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, memoryview(header))
-            _write_body(fd, tensors, manifest)
+            for piece in _body(tensors, manifest):
+                _write_all(fd, piece)
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
@@ -156,7 +173,9 @@ def _parse_header(path: Path, head: bytes) -> LayerManifest:
         TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"], e["nbytes"])
         for e in raw["tensors"]
     )
-    return LayerManifest(entries, raw["total_bytes"], align_up(start + length))
+    if not isinstance(raw.get("crc32"), int):
+        raise SubspecError(f"{path}: no checksum in its header (a file of an older format)")
+    return LayerManifest(entries, raw["total_bytes"], align_up(start + length), raw["crc32"])
 
 
 def _validate(path: Path, manifest: LayerManifest, size: int) -> None:

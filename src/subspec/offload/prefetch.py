@@ -22,7 +22,8 @@ buffer is still held (a held position ``n_buffers`` or more behind it: release f
 
 Errors: an exception in a reader thread stops reading; it is raised (as SubspecError, chained
 to the original) by every ``acquire`` of a unit not already in a buffer, never a hang. Units
-read before the failure are still served.
+read before the failure are still served. ``recover()`` then starts reading anew from the
+first unit (between requests, when the consumer holds no buffer).
 
 CUDA: copies are issued by the reader thread on a side stream. ``acquire`` makes the caller's
 current stream wait for the buffer's copy-done event; ``release`` records a free event on the
@@ -95,12 +96,16 @@ class Prefetcher:
         self._buffers = self._allocate(max(store.nbytes(u) for u in self.units))
         sync = self.sync_class or _CudaSync
         self._cuda = sync(self.device, n_buffers) if self.device.type == "cuda" else None
-        self._threads = [
+        self._threads = self._start(n_threads)
+
+    def _start(self, n_threads: int) -> list[threading.Thread]:
+        threads = [
             threading.Thread(target=self._run, name=f"subspec-prefetch-{i}", daemon=True)
             for i in range(n_threads)
         ]
-        for t in self._threads:
+        for t in threads:
             t.start()
+        return threads
 
     @staticmethod
     def _validate(store: SlowStore, units: list[int], n_buffers: int, n_threads: int) -> None:
@@ -218,6 +223,27 @@ class Prefetcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def recover(self) -> bool:
+        """After a reader's error: forget it and every position, and read again from the
+        first unit, with new reader threads. Call it when the consumer holds no buffer (between
+        requests). Returns whether there was an error to recover from."""
+        with self._cond:
+            if self._error is None or self._closed:
+                return False
+        for t in self._threads:  # each stops once it sees the error
+            t.join()
+        if self._cuda:
+            self._cuda.stream.synchronize()
+        with self._cond:
+            self._error = None
+            self._next_fill = self._next_acquire = 0
+            self._held.clear()
+            self._busy.clear()
+            self._ready = [-1] * self.n_buffers
+            self._filling = [-1] * self.n_buffers
+        self._threads = self._start(len(self._threads))
+        return True
 
     @property
     def failure(self) -> str | None:

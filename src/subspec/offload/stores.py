@@ -9,6 +9,7 @@ copies them to a CUDA device asynchronously.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 from collections.abc import Callable, Mapping
@@ -22,10 +23,13 @@ from subspec.offload.layer_file import (
     ALIGN,
     LayerManifest,
     align_up,
+    checksum,
     layer_path,
     pack_tensors,
     plan_layout,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 # Pieces of one unit in flight. Measured on this project's dev VM (virtio disk, ~1 GiB/s):
@@ -109,6 +113,12 @@ class DiskStore(SlowStore):
     to ``io_threads`` pieces in flight at once: one synchronous read at a time leaves the disk
     idle between pieces. Buffered reads stay sequential (kernel readahead does better alone than
     split up). ``close()`` stops the I/O threads.
+
+    The first read of each unit in this store's life is checked against the CRC-32 its file's
+    header carries, on the reading thread (the check releases the GIL, so it overlaps compute
+    as the read does). A mismatch is logged with both sums and the unit is written anew by
+    ``rebuild`` (unit -> its new manifest) and read again; without ``rebuild``, or when the new
+    file does not match either, the read raises SubspecError.
     """
 
     def __init__(
@@ -118,6 +128,7 @@ class DiskStore(SlowStore):
         direct: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         io_threads: int = DEFAULT_IO_THREADS,
+        rebuild: Callable[[int], LayerManifest] | None = None,
     ):
         if chunk_bytes <= 0 or chunk_bytes % ALIGN:
             raise SubspecError(f"chunk_bytes must be a positive multiple of {ALIGN}")
@@ -128,6 +139,8 @@ class DiskStore(SlowStore):
         self.directory = Path(directory)
         self.manifests = dict(manifests)
         self.chunk_bytes, self.io_threads = chunk_bytes, io_threads
+        self.rebuild = rebuild
+        self.verified: set[int] = set()  # units whose bytes matched their checksum once
         self.mode = self._choose_mode(direct)
         parallel = io_threads > 1 and self.mode == "direct"
         self._pool = ThreadPoolExecutor(io_threads, "subspec-io") if parallel else None
@@ -151,7 +164,34 @@ class DiskStore(SlowStore):
             raise SubspecError("DiskStore reads into CPU buffers only; stage through host RAM")
 
     def read_into(self, unit: int, dst: torch.Tensor, stream=None) -> None:
-        """Read ``unit``'s data region from its file into CPU ``dst`` (4096-aligned if direct)."""
+        """Read ``unit``'s data region from its file into CPU ``dst`` (4096-aligned if direct),
+        checked against its checksum the first time (see the class docstring)."""
+        self._read(unit, dst)
+        if unit in self.verified:
+            return
+        if self._matches(unit, dst):
+            self.verified.add(unit)
+            return
+        if self.rebuild is None:
+            raise SubspecError(f"{self.path(unit)}: checksum mismatch (a corrupted file)")
+        manifest = self.rebuild(unit)
+        if manifest.total_bytes != self.manifests[unit].total_bytes:
+            raise SubspecError(f"{self.path(unit)}: rebuilt with another size")
+        self.manifests[unit] = manifest
+        self._read(unit, dst)
+        if not self._matches(unit, dst):
+            raise SubspecError(f"{self.path(unit)}: checksum mismatch after rebuilding it")
+        self.verified.add(unit)
+
+    def _matches(self, unit: int, dst: torch.Tensor) -> bool:
+        manifest = self.manifests[unit]
+        got = checksum(memoryview(dst[: manifest.total_bytes].numpy()))
+        if got != manifest.crc32:
+            log.warning("%s: its data's CRC-32 is %08x, its header says %08x (corrupted)",
+                        self.path(unit), got, manifest.crc32 or 0)  # fmt: skip
+        return got == manifest.crc32
+
+    def _read(self, unit: int, dst: torch.Tensor) -> None:
         manifest = self.manifests[unit]
         _check_dst(dst, manifest.total_bytes)
         if dst.device.type != "cpu":

@@ -60,6 +60,7 @@ from subspec.runtime.weights import (
     load_substitutes,
     residual_dir,
     residual_sources,
+    write_unit,
 )
 from subspec.speculative.drafters import ModelDrafter, SharedDrafter
 
@@ -240,13 +241,14 @@ class Builder:
         return streaming, StreamedHead(streamed, head_units) if head_units else None
 
     def _slow_store(self, layers: dict, head: dict, directory: Path) -> SlowStore:
-        """Disk for a CPU: layer files written once in `directory`, read with O_DIRECT.
-        Pinned host RAM for CUDA, packed straight from the checkpoint (no disk copy of a RAM
-        tier)."""
+        """Disk for a CPU: layer files written once in `directory`, read with O_DIRECT (and
+        written anew from their sources when a read finds one corrupted). Pinned host RAM for
+        CUDA, packed straight from the checkpoint (no disk copy of a RAM tier)."""
         if self.device.type == "cpu":
             manifests = ensure_files(directory, layers, "writing layer files", self.bars)
             manifests |= ensure_files(directory, head, "writing LM head chunks", self.bars)
-            return DiskStore(directory, manifests)
+            rebuild = functools.partial(write_unit, directory, layers | head)
+            return DiskStore(directory, manifests, rebuild=rebuild)
         units = layers | head
         task = self.bars.add_task("packing layers into pinned host RAM", total=len(units))
 

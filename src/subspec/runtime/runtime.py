@@ -8,6 +8,7 @@ runtime serves request after request, one at a time. Built by runtime/build.py.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from subspec.runtime.logprobs import MAX_TOP_LOGPROBS
 from subspec.runtime.stats import MemoryStats
 from subspec.speculative.decoding import Batch, DecodeStats, speculative, vanilla
 from subspec.speculative.drafters import Drafter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class Streaming:
     store_mode: str  # "direct" or "buffered" disk reads, or "pinned-host"
 
     def reset(self) -> None:
+        """Ready for a request: zero the counters, and read again after a failed read."""
+        reason = self.prefetcher.failure
+        if self.prefetcher.recover():
+            log.warning("the slow tier's reader had stopped (%s): reading again", reason)
         self.layers.bytes_used = 0
         self.prefetcher.reset_stats()
 

@@ -138,11 +138,18 @@ def ensure_files(directory: Path, sources: dict, label: str, progress) -> dict:
             missing.append(i)
     task = progress and missing and progress.add_task(label, total=len(missing))
     for i in missing:
-        manifests[i] = write_layer_file(layer_path(directory, i), sources[i]())
-        release_free_memory()  # a layer's temporaries: malloc would keep them in RSS
+        manifests[i] = write_unit(directory, sources, i)
         if task is not None and progress:
             progress.advance(task)
     return manifests
+
+
+def write_unit(directory: Path, sources: dict, unit: int):
+    """Write `unit`'s layer file in `directory` from `sources` ({unit: () -> tensors});
+    returns its manifest."""
+    manifest = write_layer_file(layer_path(directory, unit), sources[unit]())
+    release_free_memory()  # a layer's temporaries: malloc would keep them in RSS
+    return manifest
 
 
 def load_substitutes(ckpt, cfg, layers, dtype, device, spec, directory: Path, progress):

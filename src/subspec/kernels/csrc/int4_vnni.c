@@ -450,7 +450,7 @@ static void silu_mul(const float *gate, const float *up, float *act, int64_t f) 
 
 // x[T, H] bf16 is replaced by the layer's output. k_cache, v_cache: this layer's [Hkv, S, D]
 // bf16 cache; the T new keys and values go to `slots`; mask [T, kv_len] (1 = attend) or NULL.
-// Returns 0, -1 on bad shapes, -2 when out of memory.
+// Returns 0, -1 on bad shapes or a slot outside [0, capacity), -2 when out of memory.
 int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint16_t *cos,
                         const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache,
                         int64_t capacity, const int64_t *slots, const uint8_t *mask,
@@ -460,6 +460,8 @@ int subspec_draft_layer(const DraftLayer *L, uint16_t *x, int64_t t, const uint1
     if (t < 1 || kv_len > capacity || L->qkv.n != width || L->o.k != hq * d || L->down.k != ffn ||
         hkv < 1 || hq % hkv)
         return -1;
+    for (int64_t r = 0; r < t; r++)
+        if (slots[r] < 0 || slots[r] >= capacity) return -1;
     const int64_t floats = t * (3 * h + width + hq * d + 3 * ffn) + t * hq * kv_len;
     float *scratch = malloc(sizeof(float) * (size_t)floats);
     if (!scratch) return -2;

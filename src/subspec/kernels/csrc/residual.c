@@ -52,10 +52,11 @@ static inline int value_at(const uint8_t *chunk, int row, int jj) {
 }
 
 // One tile of 16 rows in residual order, either way: `encode` 1 reads its rows of `weight`
-// and writes its residuals from `resid` on and its escapes from *esc on; 0 the reverse.
+// and writes its residuals from `resid` on and its escapes from *esc on; 0 the reverse,
+// reading no escape at or past `end`. Returns 0, or 1 when the tile needs escapes past `end`.
 // (The order defined here is the format: the AVX-512 decoder below follows it.)
-static void tile_scalar(const uint8_t *w, int64_t t, int64_t k, int64_t group, uint16_t *weight,
-                        int8_t *resid, uint16_t **esc, int encode) {
+static int tile_scalar(const uint8_t *w, int64_t t, int64_t k, int64_t group, uint16_t *weight,
+                       int8_t *resid, uint16_t **esc, const uint16_t *end, int encode) {
     const int64_t groups = k / group, chunks = group / 8, record = 8 * group + 64;
     uint16_t tab[TILE][16];
     for (int64_t g = 0; g < groups; g++) {
@@ -68,6 +69,7 @@ static void tile_scalar(const uint8_t *w, int64_t t, int64_t k, int64_t group, u
                 for (int jj = 0; jj < 8; jj++, resid++) {
                     const uint16_t d = tab[row][value_at(rec + 64 * c, row, jj)];
                     if (!encode) {
+                        if (*resid == -128 && *esc >= end) return 1;
                         values[jj] = *resid == -128 ? *(*esc)++
                                                     : (uint16_t)(d + (uint16_t)(int16_t)*resid);
                         continue;
@@ -80,6 +82,7 @@ static void tile_scalar(const uint8_t *w, int64_t t, int64_t k, int64_t group, u
             }
         }
     }
+    return 0;
 }
 
 // Writes the residual form of weight[N, K] (bf16 bits) against the substitute's records;
@@ -91,7 +94,7 @@ int64_t subspec_residual_encode(const uint8_t *w, const uint16_t *weight, int8_t
     uint16_t *esc = escapes;
     for (int64_t t = 0; t < n / TILE; t++) {
         tile_escapes[t] = (int32_t)(esc - escapes);
-        tile_scalar(w, t, k, group, (uint16_t *)weight, resid + t * TILE * k, &esc, 1);
+        tile_scalar(w, t, k, group, (uint16_t *)weight, resid + t * TILE * k, &esc, NULL, 1);
     }
     tile_escapes[n / TILE] = (int32_t)(esc - escapes);
     return esc - escapes;
@@ -121,8 +124,11 @@ AVX512 static void tables_avx512(const uint16_t *pairs, __m512i tab[8]) {
     for (int i = 0; i < 8; i++) tab[i] = _mm512_loadu_si512(lanes[i]);
 }
 
-AVX512 static void decode_tile_avx512(const uint8_t *w, const int8_t *resid, const uint16_t *esc,
-                                      uint16_t *weight, int64_t t, int64_t k, int64_t group) {
+// Returns 0, or 1 when the tile needs escapes at or past `end` (nothing is read there) or
+// fewer than reach it.
+AVX512 static int decode_tile_avx512(const uint8_t *w, const int8_t *resid, const uint16_t *esc,
+                                     const uint16_t *end, uint16_t *weight, int64_t t, int64_t k,
+                                     int64_t group) {
     const int64_t groups = k / group, chunks = group / 8, record = 8 * group + 64;
     const __m512i nibble = _mm512_set1_epi8(15), escape = _mm512_set1_epi16(-128);
     // lane l of a register covers slot l / 8 of its 4 rows: its table entries start at 16 slot
@@ -148,6 +154,7 @@ AVX512 static void decode_tile_avx512(const uint8_t *w, const int8_t *resid, con
                 const __m512i r = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)resid));
                 resid += 32;
                 const __mmask32 escaped = _mm512_cmpeq_epi16_mask(r, escape);
+                if (esc + __builtin_popcount(escaped) > end) return 1;
                 __m512i out = _mm512_add_epi16(d, r);
                 out = _mm512_mask_expandloadu_epi16(out, escaped, esc);
                 esc += __builtin_popcount(escaped);
@@ -162,6 +169,7 @@ AVX512 static void decode_tile_avx512(const uint8_t *w, const int8_t *resid, con
             }
         }
     }
+    return esc != end;
 }
 
 static int has_avx512(void) {
@@ -177,23 +185,31 @@ int subspec_residual_simd(void) { return has_avx512(); }
 
 // Rebuilds weight[N, K] (bf16 bits) from the substitute's records and the residual form;
 // `simd` 0 forces the scalar path (tests compare the two). Returns 0, or 1 for bad shapes.
+// Rebuilds weight[N, K] from its residual form. `tile_escapes` ([N / 16 + 1]) must start at 0,
+// never decrease and end at most at `n_escapes`, and each tile must use exactly its own
+// escapes: a table or residual that disagrees (a corrupted file) returns 2, bad shapes 1.
 int subspec_residual_decode(const uint8_t *w, const int8_t *resid, const uint16_t *escapes,
-                            const int32_t *tile_escapes, uint16_t *weight, int64_t n, int64_t k,
-                            int64_t group, int simd, int threads) {
-    if (n % TILE || group % 8 || k % group) return 1;
+                            int64_t n_escapes, const int32_t *tile_escapes, uint16_t *weight,
+                            int64_t n, int64_t k, int64_t group, int simd, int threads) {
+    if (n % TILE || group % 8 || k % group || n_escapes < 0) return 1;
     const int64_t tiles = n / TILE;
+    if (tile_escapes[0] != 0 || tile_escapes[tiles] > n_escapes) return 2;
+    for (int64_t t = 0; t < tiles; t++)
+        if (tile_escapes[t + 1] < tile_escapes[t]) return 2;
     const int fast = simd && has_avx512();
-#pragma omp parallel for schedule(static) num_threads(threads)
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad)
     for (int64_t t = 0; t < tiles; t++) {
         const int8_t *r = resid + t * TILE * k;
         uint16_t *e = (uint16_t *)escapes + tile_escapes[t];
+        const uint16_t *end = escapes + tile_escapes[t + 1];
 #if defined(__x86_64__)
         if (fast) {
-            decode_tile_avx512(w, r, e, weight, t, k, group);
+            bad |= decode_tile_avx512(w, r, e, end, weight, t, k, group);
             continue;
         }
 #endif
-        tile_scalar(w, t, k, group, weight, (int8_t *)r, &e, 0);
+        bad |= tile_scalar(w, t, k, group, weight, (int8_t *)r, &e, end, 0) || e != end;
     }
-    return 0;
+    return bad ? 2 : 0;
 }
