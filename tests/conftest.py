@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import write_tiny_llama, write_tiny_qwen2
+from helpers import make_layer, write_tiny_llama, write_tiny_qwen2
 
 from subspec.files import cache_root
 from subspec.hub import models as hub
+from subspec.offload.layer_file import layer_path, write_layer_file
 
 SHARED = ("models", "datasets")  # what the suite reads from the user's cache
 _USER_CACHE = cache_root()
@@ -51,3 +52,11 @@ def tiny_qwen2_model_dir(tmp_path_factory) -> Path:
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, pulled into the subspec cache on first use."""
     return hub.resolve_model("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture
+def layer_dir(tmp_path):
+    """Six layer files; returns (directory, manifests, tensors by unit)."""
+    tensors = {u: make_layer(u) for u in range(6)}
+    manifests = {u: write_layer_file(layer_path(tmp_path, u), t) for u, t in tensors.items()}
+    return tmp_path, manifests, tensors

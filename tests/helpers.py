@@ -280,3 +280,25 @@ def require_kernel(lib, name: str, x86_only: bool = True):
     if (error := native.build_error(name)) is not None:
         pytest.fail(f"the {name} kernel failed to build:\n{error}")
     pytest.skip(native.cannot_build(x86_only) or f"this CPU cannot run the {name} kernel")
+
+
+def make_layer(seed: int) -> dict[str, torch.Tensor]:
+    """A unit with mixed dtypes and odd shapes, including a scalar and an empty tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "q_proj.weight": torch.randn(7, 13, generator=g).to(torch.bfloat16),
+        "q_proj.bias": torch.randn(7, generator=g),
+        "mlp.down_proj.weight": torch.randn(3, 5, 11, generator=g).half(),
+        "ids": torch.randint(-(2**40), 2**40, (9,), generator=g),
+        "codes": torch.randint(-128, 127, (4097,), generator=g, dtype=torch.int8),
+        "mask": torch.rand(5, generator=g) > 0.5,
+        "scale": torch.tensor(seed + 0.5),
+        "empty": torch.empty(0, 3),
+    }
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name

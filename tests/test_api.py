@@ -77,3 +77,12 @@ def test_generate_gives_a_logprob_per_token(llm):
     assert [e.token for e in result.logprobs] == result.token_ids
     assert all(len(e.top) == 2 and e.top[0] == (e.token, e.logprob) for e in result.logprobs)
     assert llm.generate("hello world", max_tokens=8).logprobs is None
+
+
+def test_subspec_with_nothing_streamed_decodes_with_vanilla(tiny_model_dir, caplog):
+    """Substitutes stand in for streamed layers: with none, drafting would run the whole
+    target, so the model decodes with vanilla and says so."""
+    with subspec.load(str(tiny_model_dir), None, method="subspec", dtype="float32",
+                      progress=False) as model:  # fmt: skip
+        assert not model.runtime.placement.streams and model.method == "vanilla"
+    assert "nothing streams" in caplog.text

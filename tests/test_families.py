@@ -4,11 +4,14 @@ everything resident and with layers and the LM head streamed from disk."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import FAMILIES, make_runtime, minimum_budget, write_tiny
 from transformers import AutoModelForCausalLM
 
+from subspec.errors import SubspecError
 from subspec.model.forward import SMALL_QUERY, causal_mask
 
 TEXT = (
@@ -107,3 +110,22 @@ def test_streamed_forward_identical_to_resident(family):
     streamed = subspec_logits(runtime, tokens)
     assert torch.equal(streamed, resident)
     assert_matches(streamed, ref)
+
+
+@pytest.mark.parametrize(("family", "keys", "window"), [
+    ("mistral", {"sliding_window": 64}, 64),
+    ("qwen2", {"sliding_window": 64, "use_sliding_window": False}, None),
+    ("qwen2", {"sliding_window": 64, "use_sliding_window": True}, 64),
+])  # fmt: skip
+def test_a_sliding_window_holds_the_context(tmp_path, family, keys, window):
+    """Attention here reaches every cached token: where the model's window applies, the
+    context defaults to it, and a longer one is refused rather than silently diverging."""
+    path = write_tiny(family, tmp_path / family)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **keys}))
+    runtime = make_runtime(path, context=None)
+    assert runtime.model_cfg.sliding_window == window
+    assert runtime.cfg.context == (window or min(4096, config["max_position_embeddings"]))
+    if window:
+        with pytest.raises(SubspecError, match="sliding window of 64"):
+            make_runtime(path, context=window + 1)

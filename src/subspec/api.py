@@ -19,6 +19,7 @@ its requests for that reason).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from subspec.runtime.generate import stream_generate
 from subspec.runtime.logprobs import TokenLogprob
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,14 @@ def from_args(args, progress: bool = True) -> LLM:
     from subspec.runtime.build import build_runtime
 
     runtime = build_runtime(runtime_config(args, methods_to_load(args.method)), progress)
-    return LLM(runtime, args.method or default_method(runtime.methods, runtime.placement.streams))
+    streams = runtime.placement.streams
+    if args.method == "subspec" and not streams:
+        # its substitutes stand in for streamed layers: with none, it would draft with the
+        # whole target (on the 1.5B with no budget, 8.6 tok/s against vanilla's 15.7)
+        log.warning("nothing streams at this budget, so subspec has nothing to substitute: "
+                    "decoding with vanilla")  # fmt: skip
+        return LLM(runtime, "vanilla")
+    return LLM(runtime, args.method or default_method(runtime.methods, streams))
 
 
 # generate's own flags, which are arguments of each call rather than options of the model

@@ -30,6 +30,14 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2 family, or Llama/Mistral with attention_bias
     qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before RoPE
     eos_token_ids: tuple[int, ...] = ()
+    # attention reaches this many tokens back where the model says so (Mistral v0.1): the
+    # forward attends to every cached token, so the context is held within it
+    sliding_window: int | None = None
+
+    @property
+    def longest_context(self) -> int:
+        """The most tokens this forward computes as the model does."""
+        return min(self.max_position_embeddings, self.sliding_window or 1 << 62)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -86,6 +94,7 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            sliding_window=_sliding_window(raw, model_type),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
@@ -100,6 +109,14 @@ def _read_json(path: Path) -> dict:
         raise SubspecError(f"missing {path}") from None
     except (OSError, ValueError) as e:
         raise SubspecError(f"unreadable {path}: {e}") from None
+
+
+def _sliding_window(raw: dict, model_type: str) -> int | None:
+    """The attention window the model was trained with, where it applies: Mistral's
+    `sliding_window` (v0.1: 4096; null from v0.2), Qwen2's only with `use_sliding_window`."""
+    window = raw.get("sliding_window")
+    applies = model_type == "mistral" or bool(raw.get("use_sliding_window"))
+    return int(window) if applies and window else None
 
 
 def _check_rope_scaling(raw: dict) -> None:

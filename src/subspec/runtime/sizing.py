@@ -116,15 +116,18 @@ def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
 
 
 def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:
-    """cfg with its context settled: DEFAULT_CONTEXT capped at the model's
-    max_position_embeddings when unset; a context above that maximum is refused."""
-    most = model_cfg.max_position_embeddings
+    """cfg with its context settled: DEFAULT_CONTEXT capped at the model's longest context
+    (max_position_embeddings, and its sliding window where one applies) when unset; a context
+    above it is refused."""
+    most = model_cfg.longest_context
     if cfg.context is None:
         return replace(cfg, context=min(DEFAULT_CONTEXT, most))
     if cfg.context > most:
-        raise SubspecError(
-            f"--context {cfg.context} is above the model's max_position_embeddings of {most}"
-        )
+        limit = f"max_position_embeddings of {model_cfg.max_position_embeddings}"
+        if most == model_cfg.sliding_window:
+            limit = (f"sliding window of {most} tokens (subspec attends to every token, so a "
+                     "longer context would diverge from the model)")  # fmt: skip
+        raise SubspecError(f"--context {cfg.context} is above the model's {limit}")
     return cfg
 
 
