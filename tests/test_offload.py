@@ -1,4 +1,4 @@
-"""Layer files, slow stores and the prefetcher (fast, CPU only, no network)."""
+"""Layer files and slow stores (fast, CPU only, no network)."""
 
 from __future__ import annotations
 
