@@ -183,6 +183,18 @@ def test_attention_without_mask_is_row_invariant(backend):
     assert not _mismatched_rows(f, q.transpose(0, 1), (1, 2, 6, 33))
 
 
+@pytest.mark.parametrize("d", [128, 40])  # the AVX-512 and the portable paths
+def test_a_query_that_attends_to_no_key_gets_zeros(d, backend):
+    gen = torch.Generator().manual_seed(d)
+    q = torch.randn(4, 3, d, generator=gen)  # [Hq, T, D]
+    keys, values = torch.randn(2, 2, 5, d, generator=gen)  # [Hkv, S, D] each
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    out = exact_attention(q, keys, values, mask)
+    assert torch.equal(out[:, 1], torch.zeros(4, d))
+    assert torch.isfinite(out).all() and out[:, 0].abs().sum() > 0
+
+
 # The ops below stay as they are in model.py: torch already computes each row alone on CPU.
 
 

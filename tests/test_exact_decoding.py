@@ -125,6 +125,20 @@ def test_sampling_is_seed_exact_across_methods(tiny_model_dir, dtype):
         assert generate(spec, "subspec", PROMPTS[1], 16, sampling)[0] == want, seed
 
 
+def test_a_sampled_request_drafts_its_own_width_and_stays_seed_exact(tiny_model_dir,
+                                                                      exact_vanilla):  # fmt: skip
+    """Greedy rounds draft `width`, sampled ones `sampling_width`, in a cache planned for the
+    wider; either way the tokens are vanilla's (under the same seed when sampling)."""
+    spec = SpecConfig(depth=6, width=1, sampling_width=3, draft_temperature=0.5)
+    assert spec.tree_size == 1 + 6 * 3
+    budget = _minimum(tiny_model_dir, ("subspec",), spec=spec)
+    runtime = make_runtime(tiny_model_dir, ("subspec",), budget, "bfloat16", spec)
+    for sampling, width in ((SamplingConfig(), 1), (SamplingConfig(temperature=0.9, seed=5), 3)):
+        got, stats = generate(runtime, "subspec", PROMPTS[2], 24, sampling)
+        assert set(stats.spec.widths) == {width}
+        assert got == generate(exact_vanilla, "vanilla", PROMPTS[2], 24, sampling)[0]
+
+
 def _minimum(model_dir, methods, dtype="bfloat16", spec=None) -> int:
     with pytest.raises(SubspecError, match="below this model's minimum") as err:
         make_runtime(model_dir, methods, budget=1, dtype=dtype, spec=spec)

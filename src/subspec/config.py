@@ -6,7 +6,7 @@ Every default and every list of choices the CLI, server and bench share lives he
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from subspec.errors import SubspecError
@@ -55,6 +55,10 @@ class SpecConfig:
     # None: chosen with the depth. Fixed at 2 by default: on the 1.5B at 1.78 GB, width auto
     # ran at 4.58 tok/s against 4.93 for width 2 in the latest bench run (BENCHMARKS.md)
     width: int | None = 2
+    # the width of a request that samples (temperature > 0), where `width` is fixed: a sample
+    # falls outside the draft's best two children about one level in five at T 0.7 (one in
+    # twenty greedy); width 3 held it more often, tau 5.34 against 4.70 (BENCHMARKS.md)
+    sampling_width: int = 3
     max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
     max_width: int = 4  # the widest tree width=None may choose
     draft_temperature: float = 0.2
@@ -71,7 +75,7 @@ class SpecConfig:
     residual_stream: bool = True
 
     def __post_init__(self) -> None:
-        shape = (self.depth, self.width, self.max_depth, self.max_width)
+        shape = (self.depth, self.width, self.max_depth, self.max_width, self.sampling_width)
         if any(v is not None and v < 1 for v in shape):
             raise SubspecError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
         if self.guesses < 1:
@@ -89,7 +93,15 @@ class SpecConfig:
     def tree_size(self) -> int:
         """Nodes of the largest tree a round may draft."""
         # width auto keeps width 2's node count: wider trees are shallower (speculative/shape.py)
-        return 1 + (self.depth or self.max_depth) * (self.width or AUTO_WIDTH_NODES)
+        width = max(self.width, self.sampling_width) if self.width else AUTO_WIDTH_NODES
+        return 1 + (self.depth or self.max_depth) * width
+
+    def for_request(self, sampling: SamplingConfig) -> SpecConfig:
+        """The settings a request runs with: sampling_width for a sampled one (where the width
+        is fixed); the tree room (tree_size) stays what the runtime was planned for."""
+        if sampling.greedy or self.width is None or self.width == self.sampling_width:
+            return self
+        return replace(self, width=self.sampling_width, sampling_width=self.width)
 
     @property
     def cache_slots(self) -> int:

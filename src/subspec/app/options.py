@@ -56,6 +56,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--width", type=_auto_or_int, default=SpecConfig.width,
                    help="tree width k (2), or auto: chosen with the depth from the same "
                    "figures")  # fmt: skip
+    s.add_argument("--sampling-width", type=int, default=SpecConfig.sampling_width,
+                   help="tree width of a request that samples (temperature > 0), where "
+                   "--width is a number")  # fmt: skip
     s.add_argument("--draft-temperature", type=float, default=SpecConfig.draft_temperature)
     s.add_argument("--verify-nodes", type=int, default=SpecConfig.verify_nodes,
                    help="verify only the best-scoring nodes of the tree (0 = all)")  # fmt: skip
@@ -141,6 +144,7 @@ def memory_budget(args) -> int | None:
 def spec_config(args) -> SpecConfig:
     return SpecConfig(
         depth=args.depth, max_depth=args.max_depth, width=args.width, max_width=args.max_width,
+        sampling_width=args.sampling_width,
         draft_temperature=args.draft_temperature,
         verify_nodes=args.verify_nodes,
         bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,

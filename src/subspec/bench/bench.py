@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
 VARIANTS = (
     "no-overlap, plain-stream, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN, "
-    "dtempX (the draft temperature)"
+    "dtempX (the draft temperature), swidthN (the sampling width)"
 )
 
 
@@ -99,6 +99,8 @@ def _variant_override(option: str) -> dict:
         return {m.group(1): None if m.group(2) == "auto" else int(m.group(2))}
     if m := re.fullmatch(r"guesses(\d+)", option):
         return {"guesses": int(m.group(1))}
+    if m := re.fullmatch(r"swidth(\d+)", option):
+        return {"sampling_width": int(m.group(1))}
     if m := re.fullmatch(r"dtemp(\d+(?:\.\d+)?)", option):
         return {"draft_temperature": float(m.group(1))}
     if m := re.fullmatch(r"head(\d+)", option):  # the draft LM head's bits (16: the target's)
@@ -199,9 +201,9 @@ def _run_hf(args, prompt_ids) -> dict:
 
 def _config(args, methods, prompts) -> dict:
     keys = ("model", "dtype", "device", "memory_budget", "context", "depth", "width",
-            "draft_temperature", "bits", "draft_model", "dataset", "prompts_file", "samples",
-            "max_new_tokens", "numerics", "no_overlap", "plain_stream", "temperature", "top_p",
-            "top_k", "seed")  # fmt: skip
+            "sampling_width", "draft_temperature", "bits", "draft_model", "dataset",
+            "prompts_file", "samples", "max_new_tokens", "numerics", "no_overlap",
+            "plain_stream", "temperature", "top_p", "top_k", "seed")  # fmt: skip
     cfg = {k: getattr(args, k, None) for k in keys}
     cfg.update(methods=methods, prompts=prompts, near_tie_bound=report.NEAR_TIE)
     return cfg

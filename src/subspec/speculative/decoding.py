@@ -144,6 +144,7 @@ def speculative(
     With spec.overlap and streamed target layers, the next tree is drafted during the pass's
     waits for weights (lookahead.py) and used when its guess comes true. `cancelled`: see
     prefill."""
+    spec = spec.for_request(sampling)  # a sampled request's trees are wider
     t0 = time.perf_counter()
     logits = prefill(target, prompt, chunk, cancelled)
     pending = choose(logits, sampling, gen)

@@ -654,13 +654,17 @@ static void attend_pair(const Attention *a, int64_t i, float *p) {
     const void *k = (const char *)a->k + kv, *v = (const char *)a->v + kv;
     const float *q = a->q + i * a->d;
     const int32_t *keep = a->keep + t * a->s;
+    if (a->count[t] == 0) {  // a query that may attend to no key gets zeros, not 0 / 0
+        memset(a->out + i * a->d, 0, sizeof(float) * (size_t)a->d);
+        return;
+    }
     if (a->wide) attend_avx512(a, q, k, v, keep, a->count[t], p, a->out + i * a->d);
     else attend_portable(a, q, k, v, keep, a->count[t], p, a->out + i * a->d);
 }
 
 // out = softmax(q k^T * scale, over the keys mask allows) v, grouped-query (Hq % Hkv == 0).
-// mask: [T, S] bytes, nonzero = attend, or NULL for all. Returns 0, -1 on bad arguments, -2
-// when out of memory.
+// mask: [T, S] bytes, nonzero = attend, or NULL for all; a row that attends to no key gives
+// zeros. Returns 0, -1 on bad arguments, -2 when out of memory.
 int subspec_exact_attention(const float *q, const void *k, const void *v, const uint8_t *mask,
                             float *out, int64_t hq, int64_t hkv, int64_t t, int64_t s, int64_t d,
                             float scale, int kv_bf16, int threads) {
