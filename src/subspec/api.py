@@ -122,9 +122,10 @@ class LLM:
 def load(model: str, memory_budget: str | int | None = None, **options) -> LLM:
     """Load `model` (a catalogue name, a local directory, or dummy:NAME) under `memory_budget`
     ("1.78GB", "900MiB", bytes, "auto", or None: no limit). `options` are the CLI's flags, with
-    underscores: method, context, dtype, device, numerics, depth, width, max_depth, max_width,
-    draft_temperature, sampling_width, verify_nodes, bits, draft_head_bits, no_hqq_optimize, guesses,
-    no_overlap, plain_stream, draft_model, ... (`subspec generate --help`), with the same
+    underscores: method, context, dtype, device, numerics, depth, width, sampling_width,
+    max_depth, max_width, draft_temperature, verify_nodes, bits, draft_head_bits,
+    no_hqq_optimize, guesses, no_overlap, plain_stream, no_prefix_cache, draft_model, ...
+    (`subspec generate --help`), with the same
     defaults; progress=False silences the progress bars. Raises SubspecError for bad input."""
     from subspec.app.cli import build_parser
     from subspec.app.options import check_args
