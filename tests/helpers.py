@@ -302,3 +302,14 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     for name, t in want.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
         assert torch.equal(got[name], t), name
+
+
+class SetAfter:
+    """An Event that reads as set from its `n`-th check on: a cancel arriving mid-prefill."""
+
+    def __init__(self, n: int):
+        self.n, self.checks = n, 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks > self.n

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from helpers import generate, make_runtime, write_tiny_llama
+from helpers import SetAfter, generate, make_runtime, write_tiny_llama
 
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.errors import SubspecError
@@ -145,17 +145,6 @@ def _minimum(model_dir, methods, dtype="bfloat16", spec=None) -> int:
     return int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
 
 
-class _SetAfter:
-    """An Event that reads as set from its `n`-th check on: a cancel arriving mid-prefill."""
-
-    def __init__(self, n: int):
-        self.n, self.checks = n, 0
-
-    def is_set(self) -> bool:
-        self.checks += 1
-        return self.checks > self.n
-
-
 def test_prefill_stops_between_chunks_once_cancelled(tiny_model_dir):
     """A long prompt's prefill (a pass over every weight per chunk) checks its cancel flag
     before each chunk: a request abandoned mid-prefill stops there."""
@@ -163,10 +152,10 @@ def test_prefill_stops_between_chunks_once_cancelled(tiny_model_dir):
     target, prompt = runtime.target, list(range(5, 45))  # 40 tokens: 5 chunks of 8
     target.cache.trim(0)
     with pytest.raises(Cancelled):
-        prefill(target, prompt, 8, _SetAfter(2))
+        prefill(target, prompt, 8, SetAfter(2))
     assert target.cache.length == 16  # two chunks ran, the third was refused
     target.cache.trim(0)
-    prefill(target, prompt, 8, _SetAfter(99))
+    prefill(target, prompt, 8, SetAfter(99))
     assert target.cache.length == 40
     cancelled = threading.Event()
     cancelled.set()

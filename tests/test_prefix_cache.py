@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from helpers import make_runtime, minimum_budget
+from helpers import SetAfter, make_runtime, minimum_budget
 
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.model.tokenizer import encode_messages
@@ -95,7 +95,7 @@ def test_a_prefill_cancelled_midway_leaves_its_finished_chunks(runtimes):
         run(reuse, "vanilla", [7] * 3)  # a cache holding nothing of the prompt below
         prompt = list(range(5, 45))  # 40 tokens: 5 chunks of 8
         with pytest.raises(Cancelled):
-            run(reuse, "subspec", prompt, cancelled=_SetAfter(2))
+            run(reuse, "subspec", prompt, cancelled=SetAfter(2))
         got = run(reuse, "subspec", prompt)
     finally:
         reuse.cfg = original
@@ -108,14 +108,3 @@ def test_prefix_cache_off_prefills_every_prompt_whole(runtimes):
     prompt = chat_ids(fresh, "hello world")
     run(fresh, "vanilla", prompt)
     assert run(fresh, "vanilla", prompt)[2].cached_prompt_tokens == 0
-
-
-class _SetAfter:
-    """An Event that reads as set from its `n`-th check on: a cancel arriving mid-prefill."""
-
-    def __init__(self, n: int):
-        self.n, self.checks = n, 0
-
-    def is_set(self) -> bool:
-        self.checks += 1
-        return self.checks > self.n
