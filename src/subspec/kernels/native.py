@@ -5,7 +5,8 @@ cached under $SUBSPEC_HOME/kernels, and called through ctypes.
   (draft_layer.py), built for AVX512-VNNI where the CPU has it, else for AVX2 + FMA (the same
   source through csrc/simd16.h). Without a C compiler, on a CPU with neither, or with
   SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run torch's int4 kernel instead.
-- csrc/bf16_exact.c: the row-invariant linear and attention of exact.py (`bf16_exact()`).
+- csrc/bf16_exact.c, exact_attention.c: the row-invariant linear and attention of exact.py
+  (`bf16_exact()`).
 - csrc/residual.c: a streamed bf16 weight as the difference from its resident 4-bit substitute
   (kernels/residual.py, `residual()`).
 - csrc/hqq.c: data-free HQQ quantization of a weight into the substitutes' values, scales and
@@ -42,6 +43,11 @@ INT4_BUILDS = (
 # Baseline x86-64 code: the AVX512_BF16 functions opt in with target attributes, so the portable
 # path runs anywhere. No FMA contraction: each product and sum is rounded as the C source says.
 EXACT_FLAGS = ("-ffp-contract=off",)
+# a library built from more than csrc/<name>.c
+SOURCES = {
+    "bf16_exact": ("bf16_exact.c", "exact_attention.c"),
+    "int4_vnni": ("int4_vnni.c", "draft_attention.c"),
+}
 
 
 _BUILD_ERRORS: dict[str, str] = {}  # kernel -> why its build failed (the compiler's stderr)
@@ -66,8 +72,8 @@ def build_error(name: str) -> str | None:
 
 
 def _load(name: str, flags: tuple[str, ...], x86_only: bool = True) -> ctypes.CDLL | None:
-    """csrc/<name>.c built with `flags` and loaded, or None when it cannot be (see
-    cannot_build; a failed build is logged with the compiler's message and kept for
+    """csrc/<name>.c (or SOURCES[name]) built with `flags` and loaded, or None when it cannot
+    be (see cannot_build; a failed build is logged with the compiler's message and kept for
     build_error)."""
     if (reason := cannot_build(x86_only)) is not None:
         if reason.startswith("no C compiler"):
@@ -111,8 +117,8 @@ def int4_vnni() -> ctypes.CDLL | None:
 
 @functools.cache
 def bf16_exact() -> ctypes.CDLL | None:
-    """The loaded row-invariant kernel library (csrc/bf16_exact.c), or None; exact.py declares
-    its functions' signatures."""
+    """The loaded row-invariant kernel library (csrc/bf16_exact.c and exact_attention.c), or
+    None; exact.py declares its functions' signatures."""
     return _load("bf16_exact", EXACT_FLAGS)
 
 
@@ -132,20 +138,21 @@ def hqq() -> ctypes.CDLL | None:
 
 
 def _build(compiler: str, name: str, flags: tuple[str, ...]) -> Path:
-    """Compile csrc/<name>.c into a shared library named by a hash of the sources (headers
-    included), flags and compiler; written to a temporary name and renamed, so a half-built
-    file is never loaded."""
-    source_path = CSRC / f"{name}.c"
-    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    """Compile csrc/<name>.c (or SOURCES[name]) into a shared library named by a hash of the
+    sources (headers included), flags and compiler; written to a temporary name and renamed,
+    so a half-built file is never loaded."""
+    paths = [CSRC / f for f in SOURCES.get(name, (f"{name}.c",))]
+    headers = sorted(CSRC.glob("*.h"))
+    source = b"".join(p.read_bytes() for p in [*paths, *headers])
     key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    StepLog()(f"compiling kernels/csrc/{name}.c")
+    StepLog()(f"compiling kernels/csrc/{', '.join(p.name for p in paths)}")
     with atomic_output(target, durable=False) as tmp:
         subprocess.run(
-            [compiler, *flags, str(source_path), "-o", str(tmp), "-lm"],
+            [compiler, *flags, *map(str, paths), "-o", str(tmp), "-lm"],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
     return target

@@ -215,4 +215,26 @@ SIMD16 f16 i_to_f(i16 a) { return F2(_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_p
 SIMD16 f16 i_as_f(i16 a) { return F2(_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)); }
 
 #endif
+
+// ---- built on either set ----
+
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error ~2e-7), times 2^n; 0 below -87 (and for -inf).
+SIMD16 f16 exp16(f16 x) {
+    const f16 clamped = f_max(f_min(x, f_set(88.0f)), f_set(-87.0f));
+    const f16 n = f_round(f_mul(clamped, f_set(1.44269504f)));
+    f16 r = f_fnma(n, f_set(0.693145752f), clamped);
+    r = f_fnma(n, f_set(1.42860677e-6f), r);
+    f16 p = f_set(1.0f / 720);
+    p = f_fma(p, r, f_set(1.0f / 120));
+    p = f_fma(p, r, f_set(1.0f / 24));
+    p = f_fma(p, r, f_set(1.0f / 6));
+    p = f_fma(p, r, f_set(0.5f));
+    p = f_fma(p, r, f_set(1.0f));
+    p = f_fma(p, r, f_set(1.0f));
+    return f_keep_ge(f_scale2(p, n), x, -87.0f);
+}
+
+SIMD16 int64_t upto16(int64_t n) { return n < 0 ? 0 : n < 16 ? n : 16; }  // 0 .. 16
+
 #endif

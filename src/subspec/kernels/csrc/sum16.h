@@ -7,6 +7,15 @@
 
 #include <immintrin.h>
 
+// The sum of 16 floats in a fixed pairwise order: l and l + 8, then l + 4, l + 2, l + 1.
+static inline float tree_sum(const float *acc) {
+    float s[8];
+    for (int l = 0; l < 8; l++) s[l] = acc[l] + acc[l + 8];
+    for (int l = 0; l < 4; l++) s[l] = s[l] + s[l + 4];
+    for (int l = 0; l < 2; l++) s[l] = s[l] + s[l + 2];
+    return s[0] + s[1];
+}
+
 // r[i] = _mm512_reduce_add_ps(v[i]) for 16 vectors at once, in the same order, bit for bit:
 // lanes l and l + 8, then l and l + 4, l and l + 2, l and l + 1 (additions commute exactly;
 // every output goes through the same operand order, so even which of two NaNs survives does
