@@ -22,6 +22,7 @@ from subspec.app.options import sampling_config
 from subspec.bench import report
 from subspec.config import METHODS, SamplingConfig
 from subspec.errors import SubspecError
+from subspec.memory import release_free_memory
 from subspec.runtime.generate import stream_generate
 from subspec.runtime.runtime import Request
 
@@ -54,6 +55,7 @@ def run_bench(args) -> dict:
             results[method] = {"error": str(e)}
         bound = bound or b
         gc.collect()
+        release_free_memory()  # the last runtime's heap, or the next one's peak RSS counts it
     memory_bw = probe.bytes_per_s
     if bound is not None:
         bound["memory_read_bytes_per_s"] = memory_bw

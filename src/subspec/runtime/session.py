@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import torch
 
-from subspec.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, reset_peak_rss
+from subspec.memory import (
+    device_peak_bytes,
+    peak_rss_bytes,
+    release_free_memory,
+    reset_device_peak,
+    reset_peak_rss,
+)
 from subspec.runtime.runtime import Request, Runtime
 from subspec.runtime.stats import GenerationStats, SpecStats
 from subspec.speculative.decoding import Batch, DecodeStats
@@ -26,6 +32,7 @@ class Session:
         self.gen = torch.Generator(device=device).manual_seed(request.sampling.seed)
         self.counters = DecodeStats()
         self.cached_prompt_tokens = runtime.start(request.prompt_ids)
+        release_free_memory()  # what earlier requests freed: glibc would keep it in RSS
         reset_peak_rss()
         reset_device_peak(device)
         self.started = time.perf_counter()
