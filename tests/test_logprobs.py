@@ -132,3 +132,15 @@ def test_usage_reports_the_cached_prompt_tokens(clients):
     second = client.chat.completions.create(model=model, messages=turn, max_tokens=4)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
+def test_logprobs_follow_the_tokens_a_stop_string_keeps(clients):
+    client = clients["subspec"]
+    model = client.models.list().data[0].id
+    whole = client.chat.completions.create(model=model, messages=HELLO, max_tokens=20)
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    reply = client.chat.completions.create(model=model, messages=HELLO, max_tokens=20,
+                                           stop=[stop], logprobs=True)  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop"
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens

@@ -237,6 +237,8 @@ async def _complete(job: Job, http: HttpRequest, logprobs: Callable | None = Non
         final = ev
     if final is None or final.stats is None:  # the client left
         raise ApiError("the client disconnected", status=499)
+    # a stop string may end inside tokens already passed on: keep the ones the usage counts
+    entries = entries[: final.stats.new_tokens]
     return "".join(pieces), final, logprobs(entries) if logprobs else None
 
 
