@@ -9,6 +9,7 @@ runtime serves request after request, one at a time. Built by runtime/build.py.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class Runtime:
         most (whose logits the request needs), nothing with prefix_cache off; `history`
         becomes the prompt, for the request to extend. Returns the prompt tokens kept."""
         held = self.history[: self.target.cache.length] if self.cfg.prefix_cache else []
-        kept = _common_prefix(held, prompt_ids[:-1])
+        kept = len(os.path.commonprefix([held, prompt_ids[:-1]]))  # works on any sequences
         self.target.cache.trim(kept)
         self.history = list(prompt_ids)
         if self.streaming is not None:
@@ -174,12 +175,3 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix of a and b."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

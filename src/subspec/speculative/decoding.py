@@ -77,11 +77,15 @@ class Batch:
 
     tokens: list[int]
     logits: torch.Tensor  # [n, V] the pass's logits (n >= 1)
-    rows: torch.Tensor | None = None  # [len(tokens)] each token's row of `logits`; None: 0, 1, ..
+    # [len(tokens) - 1] a tree's accepted nodes: the first token comes from the root's row, each
+    # next one from its predecessor's node; None: token i from row i
+    path: torch.Tensor | None = None
 
     def token_logits(self) -> torch.Tensor:
         """[len(tokens), V]: the target's logits that each token was chosen from."""
-        return self.logits if self.rows is None else self.logits[self.rows]
+        if self.path is None:
+            return self.logits
+        return self.logits[torch.cat([self.path.new_zeros(1), self.path])]
 
 
 class Cancelled(Exception):
@@ -205,5 +209,4 @@ def speculative(
         if ahead:
             chooser.observe_lookahead(whole, builder is not None, free_s, ahead.rows)
         pending = verdict.bonus
-        # each token's row: the root's for the first, then each accepted node's for the next
-        yield Batch(verdict.tokens, logits, torch.cat([nodes.new_zeros(1), nodes]))
+        yield Batch(verdict.tokens, logits, nodes)

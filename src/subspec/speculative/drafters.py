@@ -35,7 +35,14 @@ class Drafter(Protocol):
         """Draft KV of a tree drafted ahead at `src_slots` moves to dst_start.. (uncommitted)."""
 
 
-class SharedDrafter:
+class _StepInParts:
+    """step() as step_parts() run to its end."""
+
+    def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
+        return finish(self.step_parts(tokens, positions, slots, mask, kv_len))
+
+
+class SharedDrafter(_StepInParts):
     """SubSpec's draft: the target's model and cache, substitutes in place of streamed layers."""
 
     def __init__(self, target: PlacedModel, layers: LayerSource, lm_head: Linear | None = None):
@@ -44,9 +51,6 @@ class SharedDrafter:
 
     def prefill(self, prompt: list[int], chunk: int) -> None:
         """Nothing to do: the draft reads the prefix KV the target wrote."""
-
-    def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
-        return finish(self.step_parts(tokens, positions, slots, mask, kv_len))
 
     def step_parts(self, tokens, positions, slots, mask, kv_len) -> Generator:
         t = self.target
@@ -62,7 +66,7 @@ class SharedDrafter:
         self.target.cache.move(src_slots, dst_start)
 
 
-class ModelDrafter:
+class ModelDrafter(_StepInParts):
     """Classic speculation's draft: a separate, smaller model with its own cache."""
 
     def __init__(self, draft: PlacedModel):
@@ -71,9 +75,6 @@ class ModelDrafter:
     def prefill(self, prompt: list[int], chunk: int) -> None:
         self.draft.cache.trim(0)
         prefill(self.draft, prompt, chunk)
-
-    def step(self, tokens, positions, slots, mask, kv_len) -> torch.Tensor:
-        return finish(self.step_parts(tokens, positions, slots, mask, kv_len))
 
     def step_parts(self, tokens, positions, slots, mask, kv_len) -> Generator:
         d = self.draft
