@@ -6,8 +6,9 @@ The peak: `vdpbf16ps` (the instruction the exact kernel's AVX512_BF16 path multi
 64 flops on a 512-bit register) on 24 independent accumulators per thread, from registers
 only, for about half a second on each thread at once. Then `exact_linear` on the 1.5B's
 linear shapes at --rows rows (a verification pass's tree), with the flops it does, its time
-and its share of that peak, and the same for the residual rebuild of each weight (bytes
-written per second). Needs a C compiler and an AVX512_BF16 CPU.
+and its share of that peak, the residual rebuild of each weight (bytes written per second),
+and the fused kernel that rebuilds the weight block by block inside the matmul (its time
+against rebuild + matmul). Needs a C compiler and an AVX512_BF16 CPU.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def median_s(fn, repeat: int = 7) -> float:
 
 def main() -> None:
     from subspec.kernels import residual
-    from subspec.kernels.exact import exact_linear, has_dpbf16
+    from subspec.kernels.exact import exact_linear, exact_residual_linear, has_dpbf16
     from subspec.quant.hqq import quantize_linear
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,9 +101,9 @@ def main() -> None:
     one, both = peak_flops(lib, 1), peak_flops(lib, args.threads)
     print(f"vdpbf16ps peak: {one / 1e9:.1f} GFLOP/s on one core, {both / 1e9:.1f} on "
           f"{args.threads}; exact kernel's path is vdpbf16ps: {has_dpbf16()}")  # fmt: skip
-    total_s = total_flops = decode_s = 0.0
+    total_s = total_flops = decode_s = fused_s = 0.0
     print(f"{'linear':>8} {'[out, in]':>12} {'ms':>7} {'GFLOP/s':>8} {'of peak':>8} "
-          f"{'rebuild ms':>10} {'GB/s out':>8}")  # fmt: skip
+          f"{'rebuild ms':>10} {'GB/s out':>8} {'fused ms':>8}")  # fmt: skip
     for name, (n, k) in LINEARS.items():
         w = (torch.randn(n, k) * 0.02).bfloat16()
         x = torch.randn(args.rows, k).bfloat16()
@@ -112,12 +113,17 @@ def main() -> None:
         parts = residual.encode(w, sub)
         out = torch.empty(n * k, dtype=torch.bfloat16)
         d = median_s(lambda parts=parts, sub=sub, out=out: residual.decode(parts, sub, out))
+        f = median_s(lambda x=x, parts=parts, sub=sub: exact_residual_linear(x, parts, sub))
         total_s, total_flops, decode_s = total_s + s, total_flops + flops, decode_s + d
+        fused_s += f
         print(f"{name:>8} {str([n, k]):>12} {s * 1e3:>7.2f} {flops / s / 1e9:>8.1f} "
-              f"{flops / s / both:>8.0%} {d * 1e3:>10.2f} {2 * n * k / d / 1e9:>8.1f}")  # fmt: skip
+              f"{flops / s / both:>8.0%} {d * 1e3:>10.2f} {2 * n * k / d / 1e9:>8.1f} "
+              f"{f * 1e3:>8.2f}")  # fmt: skip
     print(f"a layer at {args.rows} rows: matmuls {total_s * 1e3:.1f} ms "
           f"({total_flops / total_s / both:.0%} of peak), rebuild {decode_s * 1e3:.1f} ms; "
-          f"at peak the matmuls would take {total_flops / both * 1e3:.1f} ms")  # fmt: skip
+          f"at peak the matmuls would take {total_flops / both * 1e3:.1f} ms; fused "
+          f"{fused_s * 1e3:.1f} ms against {(total_s + decode_s) * 1e3:.1f} for rebuild + "
+          f"matmul ({total_flops / fused_s / both:.0%} of peak)")  # fmt: skip
 
 
 if __name__ == "__main__":

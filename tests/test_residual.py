@@ -14,7 +14,7 @@ from helpers import generate, make_runtime, minimum_budget, require_kernel, writ
 from subspec import sizes
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.files import cache_root
-from subspec.kernels import native, residual
+from subspec.kernels import exact, native, residual
 from subspec.model.checkpoint import Checkpoint
 from subspec.model.config import ModelConfig
 from subspec.offload.layer_file import layer_path, plan_layout
@@ -125,7 +125,7 @@ def test_encode_and_decode_refuse_what_does_not_match():
     with pytest.raises(ValueError, match="bf16"):
         residual.encode(w.float(), quantize_linear(w, None, bits=4, optimize=False))
     parts = residual.encode(_weight(48, 128, 4), sub)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="does not hold"):
         residual.decode(parts, sub, torch.empty(48 * 128 - 1, dtype=torch.bfloat16))
 
 
@@ -155,6 +155,34 @@ def test_a_corrupted_residual_form_is_refused_not_read_past(fast, request):
     assert torch.equal(_bits(residual.decode(parts, sub, out, fast)), _bits(w))
 
 
+@pytest.fixture
+def fused(simd_codec):
+    """The exact linear that rebuilds its weight block by block (skipped on AMX machines)."""
+    require_kernel(native.bf16_exact(), "bf16_exact")
+    if not exact.rebuilds_in_linear():
+        pytest.skip("bf16 takes the AMX path here, which the fused kernel does not compute")
+
+
+@pytest.mark.usefixtures("fused")
+@pytest.mark.parametrize("rows", [1, 3, 33, 130])
+@pytest.mark.parametrize(  # one block; three of 64 rows and a ragged one; blocks of one tile
+    "out_f, in_f, bias", [(48, 192, True), (176, 2048, False), (48, 8960, True)]
+)
+def test_rebuilding_inside_the_exact_linear_gives_its_bits(out_f, in_f, bias, rows):
+    """The fused kernel rebuilds each block of rows into a thread's buffer and runs the exact
+    kernel on it: the output is exact_linear's over the whole rebuilt weight, bit for bit."""
+    g = torch.Generator().manual_seed(rows)
+    w = _weight(out_f, in_f, out_f + in_f)
+    sub = quantize_linear(w, None, bits=4, group_size=64, optimize=False)
+    parts = residual.encode(w, sub)
+    x = torch.randn(rows, in_f, generator=g).bfloat16()
+    b = torch.randn(out_f, generator=g).bfloat16() if bias else None
+    got = exact.exact_residual_linear(x, parts, sub, b)
+    assert torch.equal(_bits(got), _bits(exact.exact_linear(x, w, b)))
+    with pytest.raises(ValueError, match="inconsistent"):
+        exact.exact_residual_linear(x, {**parts, "tile_escapes": parts["tile_escapes"] + 1}, sub)
+
+
 @streams
 @pytest.mark.parametrize("share", [0.7, 0.0])
 def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):
@@ -162,6 +190,8 @@ def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):
     budget = max(int(share * full), minimum_budget(model_dir, ("subspec",), "bfloat16", SPEC))
     runtime = make_runtime(model_dir, ("subspec",), budget, "bfloat16", SPEC)
     assert runtime.streaming.layers.rebuild is not None and runtime.placement.residual_stream
+    rebuild = runtime.streaming.layers.rebuild  # rebuilt inside the matmul where it can be
+    assert (rebuild.buffer is None) == rebuild.in_linear == exact.rebuilds_in_linear()
     for prompt in PROMPTS:
         want = generate(vanilla, "vanilla", prompt, 32)[0]
         assert generate(runtime, "subspec", prompt, 32)[0] == want

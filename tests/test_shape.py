@@ -1,6 +1,7 @@
 """The tree's shape and drafting ahead, on tiny fakes: the chooser's depth and width follow
 acceptance and costs, and the next tree is drafted in the pass's waits, a part at a time."""
 
+import pytest
 import torch
 
 from subspec.config import SpecConfig
@@ -99,12 +100,15 @@ def _lookahead(spec):
     """A Lookahead after a depth-3, width-2 tree rooted at token 3 in slot 4."""
     from subspec.speculative.lookahead import Lookahead
     from subspec.speculative.shape import Shape
+    from subspec.speculative.slots import RoundSlots
     from subspec.speculative.tree import build_tree
 
     drafter = _NextTokenDrafter()
     drafted = build_tree(3, 4, 3, 2, 0.2, drafter.step, "cpu")
     drafter.rows.clear()
-    return Lookahead(drafted, 4, spec, Shape(3, 2), drafter, "cpu")
+    slots = RoundSlots(4, spec.cache_slots, 4 + spec.cache_slots)
+    slots.take(drafted.size)
+    return Lookahead(drafted, slots, spec, Shape(3, 2), drafter, "cpu")
 
 
 def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
@@ -168,9 +172,9 @@ def test_lookahead_drafts_on_two_guesses_in_one_step_per_level():
     assert ahead.drafter.rows[-4:] == [2, 2 * 1, 2 * 2, 2 * 2]  # leaves, then 3 levels
     assert len(ahead.builders) == 2 and all(b.depth == 3 and b.done for b in ahead.builders)
     first, second = ahead.paths
-    scores = ahead.drafted.scores
+    scores = ahead.tree.scores
     assert first[-1] != second[-1] and scores[first[-1]] >= scores[second[-1]]
-    assert ahead.guesses == [(int(ahead.drafted.tokens[p[-1]]) + 1) % 11 for p in ahead.paths]
+    assert ahead.guesses == [(int(ahead.tree.tokens[p[-1]]) + 1) % 11 for p in ahead.paths]
     assert ahead.take(first[1:].tolist(), ahead.guesses[0] + 1) is None
     taken = ahead.take(second[1:].tolist(), ahead.guesses[1])
     assert taken is ahead.builders[1] and taken.tree().tokens[0] == ahead.guesses[1]
@@ -193,3 +197,64 @@ def test_shape_chooser_counts_the_levels_drafted_ahead():
         depths[hit] = chooser.shape().depth
     ahead = 2.0 / 0.3 - 1  # levels a pass's waits hold, after the guess's step
     assert depths[True] < depths[False] and depths[True] <= ahead + 1, depths
+
+
+def test_round_slots_refuse_a_range_past_the_round():
+    """One owner hands out a round's KV slots in order and refuses what the cache was not
+    sized for."""
+    from subspec.speculative.slots import RoundSlots
+
+    slots = RoundSlots(10, 20, 30)
+    assert slots.take(5) == 10 and slots.take(15) == 15 and slots.free == 0
+    with pytest.raises(ValueError, match="cannot take 1 slots"):
+        slots.take(1)
+    with pytest.raises(ValueError, match="overruns"):
+        RoundSlots(11, 20, 30)
+
+
+class _RecordingDrafter(_NextTokenDrafter):
+    """_NextTokenDrafter that keeps each step's mask and each relocation."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks, self.moves = [], []
+
+    def step(self, tokens, positions, slots, mask, kv_len):
+        self.masks.append(mask.clone())
+        return super().step(tokens, positions, slots, mask, kv_len)
+
+    def relocate(self, src_slots, dst_start):
+        self.moves.append((src_slots.tolist(), dst_start))
+
+
+def test_a_pruned_tree_is_verified_and_drafted_ahead_from_its_own_slots():
+    """With --verify-nodes the target verifies a pruned, renumbered copy of the drafted tree
+    at start + its index. Its draft KV moves there first, the lookahead guesses on its
+    full-depth leaves with their paths' slots as context (not the drafted tree's, which the
+    pass overwrites), and take() takes a path of it."""
+    from subspec.config import SpecConfig
+    from subspec.speculative.decoding import _verified
+    from subspec.speculative.lookahead import Lookahead
+    from subspec.speculative.shape import Shape
+    from subspec.speculative.slots import RoundSlots
+    from subspec.speculative.tree import build_tree
+
+    spec, start, drafter = SpecConfig(depth=3, guesses=1, verify_nodes=4), 4, _RecordingDrafter()
+    drafted = build_tree(3, start, 3, 2, 0.2, drafter.step, "cpu")
+    tree = _verified(drafted, spec.verify_nodes, drafter, start)
+    # the draft's sure path: each level's best node, 1 + (level - 1) * width as drafted
+    assert tree.origin.tolist() == [0, 1, 3, 5] and tree.depth == 3
+    assert drafter.moves == [([4, 5, 7, 9], start)]
+    assert _verified(drafted, 0, drafter, start) is drafted and len(drafter.moves) == 1
+
+    slots = RoundSlots(start, spec.cache_slots, start + spec.cache_slots)
+    slots.take(drafted.size)
+    ahead = Lookahead(tree, slots, spec, Shape(3, 2), drafter, "cpu")
+    drafter.masks.clear()
+    while ahead.work():
+        pass
+    leaf_context = drafter.masks[0][0]  # the guess's step: the leaf re-fed at a scratch slot
+    scratch = start + drafted.size
+    want = list(range(start)) + [start + 0, start + 1, start + 2] + [scratch]
+    assert leaf_context.nonzero().flatten().tolist() == want
+    assert ahead.take([1, 2, 3], ahead.guesses[0]) is ahead.builders[0]

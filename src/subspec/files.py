@@ -1,4 +1,5 @@
-"""File helpers every cache shares: one safetensors header reader and one atomic write."""
+"""File helpers every cache shares: one safetensors header reader, one atomic write, and
+the marks of a finished install."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from subspec.errors import SubspecError
+
+MARKER = ".complete"  # written last into an installed model's directory (pulled or built)
 
 
 def cache_root() -> Path:
@@ -180,3 +183,22 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sweep_stale(root: Path, name: str) -> None:
+    """Remove the temporary directories `.NAME.tmp-PID-*` under `root` left by installs of
+    `name` (a pulled or built model) whose process has died."""
+    for path in root.glob(f".{name}.tmp-*"):
+        pid = path.name[len(f".{name}.tmp-") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

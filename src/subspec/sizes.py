@@ -40,28 +40,29 @@ def device_type(device) -> str:
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX tiles): read from the
-    flags in /proc/cpuinfo, asked of torch where there is no such file."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (avx512_bf16, amx_tile, ...): the
+    one probe every CPU-dependent choice asks (the kernels check their own at run time). Where
+    there is no such file, the bf16 features are asked of torch, and nothing else is known."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         import torch
 
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return "avx512_bf16" in flags or "amx_tile" in flags
+        probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+        return frozenset(flag for flag, probe in probes.items()
+                         if getattr(torch.cpu, probe, lambda: False)())  # fmt: skip
 
 
-@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX tiles)."""
+    return bool({"avx512_bf16", "amx_tile"} & cpu_flags())
+
+
 def cpu_has_avx512_vbmi2() -> bool:
     """Whether this CPU has the AVX-512 subsets the residual codec's fast path needs (F, BW,
-    VL, VBMI2), read from /proc/cpuinfo (False where there is no such file)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2"} <= flags
+    VL, VBMI2)."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2"} <= cpu_flags()
 
 
 def widens(dtype, device) -> bool:

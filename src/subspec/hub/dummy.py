@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from subspec.errors import SubspecError
-from subspec.files import cache_root, replace_path
-from subspec.hub.models import MARKER, _sweep_stale
+from subspec.files import MARKER, cache_root, replace_path, sweep_stale
 from subspec.progress import StepLog
 
 if TYPE_CHECKING:  # torch is imported when weights are drawn: resolving a name needs none
@@ -98,7 +97,7 @@ def ensure_dummy(name: str, *, progress: bool = True, num_layers: int | None = N
         return dst
     config = hf_config(models[name], num_layers)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(dst.parent, dst.name)
+    sweep_stale(dst.parent, dst.name)
     _check_free_space(dst, tensor_plan(config))
     say = StepLog(progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from subspec.errors import SubspecError
-from subspec.files import cache_root, replace_path
+from subspec.files import MARKER, cache_root, replace_path, sweep_stale
 from subspec.progress import StepLog, progress_bars, quiet_libraries
 
-MARKER = ".complete"
 _CHUNK = 1 << 20
 _CHECK_ROWS = 64
 _HUB_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -136,7 +135,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
         return model_dir(name)
     root = model_dir(name).parent
     root.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(root, name)
+    sweep_stale(root, name)
     _check_free_space(root, name, entry)
     report = StepLog(progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
@@ -175,24 +174,6 @@ def _pull_error(name: str, root: Path, exc: Exception) -> SubspecError:
             f"disk full while pulling {name} into {root}; free some space and retry"
         )
     return SubspecError(f"pulling {name} failed: {type(exc).__name__}: {_one_line(text)}")
-
-
-def _sweep_stale(root: Path, name: str) -> None:
-    """Remove temporary directories left by pulls of `name` whose process has died."""
-    for path in root.glob(f".{name}.tmp-*"):
-        pid = path.name[len(f".{name}.tmp-") :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_free_space(root: Path, name: str, entry: dict) -> None:

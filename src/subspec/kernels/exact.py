@@ -42,6 +42,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.subspec_exact_linear.argtypes = [_VOID] * 4 + [_I64] * 3 + [_INT] * 4
     lib.subspec_exact_fma_supported.restype = _INT
     lib.subspec_exact_amx_supported.restype = _INT
+    lib.subspec_residual_exact_linear.restype = _INT
+    lib.subspec_residual_exact_linear.argtypes = (
+        [_VOID] * 3 + [_I64] + [_VOID] * 4 + [_I64] * 4 + [_INT] * 4
+    )
     lib.subspec_exact_attention.restype = _INT
     lib.subspec_exact_attention.argtypes = [_VOID] * 5 + [_I64] * 5 + [_FLOAT, _INT, _INT]
     return lib
@@ -102,6 +106,37 @@ def exact_linear(
     else:
         y = _torch_linear(rows, weight, bias).to(out_dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def rebuilds_in_linear() -> bool:
+    """Whether exact_residual_linear runs here: the kernel library builds, the residual
+    codec's AVX-512 path runs, and bf16 takes a path other than AMX's (whose bits the fused
+    kernel does not compute)."""
+    from subspec.kernels import residual
+
+    return _lib() is not None and residual.has_simd() and kernel_path(*(torch.bfloat16,) * 2) != AMX
+
+
+def exact_residual_linear(x: torch.Tensor, parts: dict[str, torch.Tensor], sub, bias=None):
+    """exact_linear(x, W, bias) for x [..., in] bf16 and a weight W [out, in] bf16 held in
+    residual form (`parts`, against the 4-bit substitute `sub`: kernels/residual.py), rebuilt
+    block by block inside the kernel (csrc/residual_linear.c): bit for bit exact_linear over
+    residual.decode's W, without W whole in memory. Where rebuilds_in_linear()."""
+    from subspec.kernels import residual
+
+    n, k = sub.out_features, sub.in_features
+    resid, escapes, tiles = residual.checked_parts(parts, n, k)
+    rows = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [T, in]
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)  # [T, out]
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    rc = _lib().subspec_residual_exact_linear(
+        sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), escapes.numel(),
+        tiles.data_ptr(), rows.data_ptr(), native.ptr(bias), y.data_ptr(), rows.shape[0], n, k,
+        sub.group_size, 1, kernel_path(torch.bfloat16, torch.bfloat16), 1,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    residual.raise_for(rc, n, k)
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
 def _native_linear(

@@ -6,7 +6,8 @@ cached under $SUBSPEC_HOME/kernels, and called through ctypes.
   source through csrc/simd16.h). Without a C compiler, on a CPU with neither, or with
   SUBSPEC_NATIVE=0, `int4_vnni()` returns None and substitutes run torch's int4 kernel instead.
 - csrc/bf16_exact.c, exact_attention.c: the row-invariant linear and attention of exact.py
-  (`bf16_exact()`).
+  (`bf16_exact()`), with residual_linear.c: the linear over a weight in residual form,
+  rebuilt block by block inside the call (residual.py).
 - csrc/residual.c: a streamed bf16 weight as the difference from its resident 4-bit substitute
   (kernels/residual.py, `residual()`).
 - csrc/hqq.c: data-free HQQ quantization of a weight into the substitutes' values, scales and
@@ -45,7 +46,7 @@ INT4_BUILDS = (
 EXACT_FLAGS = ("-ffp-contract=off",)
 # a library built from more than csrc/<name>.c
 SOURCES = {
-    "bf16_exact": ("bf16_exact.c", "exact_attention.c"),
+    "bf16_exact": ("bf16_exact.c", "exact_attention.c", "residual_linear.c", "residual.c"),
     "int4_vnni": ("int4_vnni.c", "draft_attention.c"),
 }
 

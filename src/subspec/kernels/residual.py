@@ -92,27 +92,41 @@ def encode(weight: torch.Tensor, sub: QuantLinear) -> dict[str, torch.Tensor]:
             "tile_escapes": tile_escapes, "substitute_sample": substitute_sample(sub)}  # fmt: skip
 
 
+def checked_parts(parts: dict[str, torch.Tensor], n: int, k: int) -> tuple[torch.Tensor, ...]:
+    """(residual, escapes, tile_escapes) of encode()'s parts for W [n, k], checked for the
+    kernels: sizes, dtypes, contiguity."""
+    resid, escapes, tiles = parts["residual"], parts["escapes"], parts["tile_escapes"]
+    if resid.numel() != n * k or tiles.numel() != n // 16 + 1:
+        raise ValueError(f"residual parts do not match W [{n}, {k}]")
+    dtypes = (resid.dtype, escapes.dtype, tiles.dtype)
+    contiguous = all(t.is_contiguous() for t in (resid, escapes, tiles))
+    if dtypes != (torch.int8, torch.int16, torch.int32) or not contiguous:
+        raise ValueError("residual parts are not contiguous int8, int16 and int32 tensors")
+    return resid, escapes, tiles
+
+
+def raise_for(rc: int, n: int, k: int) -> None:
+    """Raise for a residual kernel's non-zero return code (see csrc/residual.h)."""
+    if rc == 2:
+        raise ValueError(f"the residual form of W [{n}, {k}] is inconsistent: its escape table "
+                         "disagrees with its residuals (a corrupted file?)")  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"residual kernel failed ({rc}) for W [{n}, {k}]")
+
+
 def decode(parts: dict[str, torch.Tensor], sub: QuantLinear, out: torch.Tensor,
            simd: bool = True) -> torch.Tensor:  # fmt: skip
     """The weight [N, K] bf16 rebuilt into `out` (at least N K bf16 elements) from encode()'s
     parts and the same substitute; `simd` False: the scalar path (tests compare the two)."""
     n, k = sub.out_features, sub.in_features
-    resid, escapes, tiles = parts["residual"], parts["escapes"], parts["tile_escapes"]
-    if resid.numel() != n * k or tiles.numel() != n // 16 + 1 or out.numel() < n * k:
-        raise ValueError(f"residual parts or buffer do not match W [{n}, {k}]")
-    dtypes = (resid.dtype, escapes.dtype, tiles.dtype)
-    contiguous = all(t.is_contiguous() for t in (resid, escapes, tiles, out))
-    if dtypes != (torch.int8, torch.int16, torch.int32) or not contiguous:
-        raise ValueError("residual parts are not contiguous int8, int16 and int32 tensors")
+    resid, escapes, tiles = checked_parts(parts, n, k)
+    if out.numel() < n * k or not out.is_contiguous():
+        raise ValueError(f"the buffer does not hold W [{n}, {k}]")
     weight = out[: n * k].view(n, k)
     rc = _lib().subspec_residual_decode(
         sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), escapes.numel(),
         tiles.data_ptr(), weight.data_ptr(), n, k, sub.group_size, int(simd),
         torch.get_num_threads(),
     )  # fmt: skip
-    if rc == 2:
-        raise ValueError(f"the residual form of W [{n}, {k}] is inconsistent: its escape table "
-                         "disagrees with its residuals (a corrupted file?)")  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"residual decode failed ({rc}) for W [{n}, {k}]")
+    raise_for(rc, n, k)
     return weight

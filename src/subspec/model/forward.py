@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from subspec.kernels.exact import exact_attention
 from subspec.model.config import ModelConfig
 from subspec.model.kv_cache import KVCache
-from subspec.model.layers import LayerSource, LayerWeights, Linear
+from subspec.model.layers import LayerSource, LayerWeights, Linear, Waits
 
 
 def finish(parts: Generator):
@@ -116,27 +116,35 @@ class Model:
         slots: torch.Tensor,  # [T] cache slots to write
         mask: torch.Tensor | None,  # [T, kv_len] bool, True = attend; None = attend to all
         kv_len: int,
+        waits: Waits | None = None,  # what to do while streamed weights are not there yet
     ) -> torch.Tensor:
         """Run the decoder; returns final hidden states [T, H] (before the final norm)."""
-        return finish(self.forward_parts(layers, cache, tokens, positions, slots, mask, kv_len))
+        parts = self.forward_parts(layers, cache, tokens, positions, slots, mask, kv_len, waits)
+        return finish(parts)
 
     def forward_parts(
-        self, layers: LayerSource, cache: KVCache, tokens, positions, slots, mask, kv_len
+        self, layers: LayerSource, cache: KVCache, tokens, positions, slots, mask, kv_len,
+        waits: Waits | None = None,
     ) -> Generator[None, None, torch.Tensor]:  # fmt: skip
         """forward() one decoder layer per next(): yields after each, returns the hidden
         states, so that it can be run in another computation's waits (speculative/lookahead.py)."""
         x = self.embed(tokens)  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         attn_mask = fused_kernel_mask(mask, x.dtype)  # once per forward, not per layer
-        for i, w in layers:
+        for i, w in layers.each(waits):
             x = self._layer(i, w, x, cos, sin, cache, slots, attn_mask, kv_len)
             yield
         return x
 
-    def logits(self, hidden: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:
-        """fp32 logits [T, V] from hidden states [T, H]."""
+    def logits(self, hidden: torch.Tensor, lm_head: Linear | None = None,
+               waits: Waits | None = None) -> torch.Tensor:  # fmt: skip
+        """fp32 logits [T, V] from hidden states [T, H]; `waits`: see forward (a streamed
+        head, offload/streamed.py, waits for its chunks)."""
         h = rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
-        return (self.lm_head if lm_head is None else lm_head)(h).float()
+        head = self.lm_head if lm_head is None else lm_head
+        if waits is not None and getattr(head, "streams", False):
+            return head(h, waits).float()
+        return head(h).float()
 
     def _layer(self, i, w: LayerWeights, x, cos, sin, cache, slots, attn_mask, kv_len):
         cfg = self.cfg

@@ -118,11 +118,22 @@ def substitute_layer(t: dict[str, torch.Tensor], linears: dict[str, Linear]) -> 
     )  # fmt: skip
 
 
-class LayerSource:
-    """Supplies each layer's weights in order, once per forward pass.
+@dataclass
+class Waits:
+    """What a forward pass does while it waits for streamed weights, and how long it waited.
+    A pass is given one explicitly (Model.forward, Model.logits); without one it just waits."""
 
-    Iterating yields (index, LayerWeights). A streamed layer's buffer is handed back when
-    the consumer asks for the next layer, so the offloader can refill it.
+    # other work run while a unit's bytes are not there yet, a short part per call, told how
+    # long the bytes are expected to take; False: it did nothing (see Prefetcher.acquire)
+    work: Callable[[float], bool] | None = None
+    waited_s: float = 0.0  # seconds the pass blocked on weights, `work` excluded
+
+
+class LayerSource:
+    """Supplies each layer's weights in order, once per forward pass (`each`).
+
+    A streamed layer's buffer is handed back when the consumer asks for the next layer, so
+    the offloader can refill it.
     """
 
     def __init__(self, resident: dict[int, LayerWeights], num_layers: int, streamer=None):
@@ -130,10 +141,15 @@ class LayerSource:
         self.num_layers = num_layers
         self.streamer = streamer  # StreamedLayers or None when everything is resident
 
-    def __iter__(self) -> Iterator[tuple[int, LayerWeights]]:
+    @property
+    def streams(self) -> bool:
+        return self.streamer is not None
+
+    def each(self, waits: Waits | None = None) -> Iterator[tuple[int, LayerWeights]]:
+        """(index, LayerWeights) of every layer in order; `waits`: see Waits."""
         for i in range(self.num_layers):
             if i in self.resident:
                 yield i, self.resident[i]
             else:
-                with self.streamer.layer(i) as weights:
+                with self.streamer.layer(i, waits) as weights:
                     yield i, weights

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
 from subspec.kernels import residual
+from subspec.kernels.exact import exact_residual_linear, rebuilds_in_linear
 from subspec.model.checkpoint import NORMS
-from subspec.model.layers import LINEAR_NAMES, LayerWeights, dense, dense_layer
+from subspec.model.layers import LINEAR_NAMES, LayerWeights, Waits, dense, dense_layer
 from subspec.offload.layer_file import tensors_from_buffer
 from subspec.offload.prefetch import Prefetcher
 from subspec.quant.linear import QuantLinear
@@ -25,23 +25,17 @@ class StreamedLayers:
         self.exact = exact  # row-invariant linears (see layers.dense)
         self.rebuild = rebuild
         self.bytes_used = 0  # bytes of layers consumed by forward passes
-        self._idle: Callable[[float], bool] | None = None
 
     @contextmanager
-    def while_waiting(self, work: Callable[[float], bool]):
-        """Inside the block, every wait for a unit's bytes runs `work(expected_wait_s)` first,
-        one short unit per call, until the bytes arrive or it returns False (it did nothing:
-        nothing left to do, or nothing that fits in the wait)."""
-        self._idle = work
-        try:
-            yield
-        finally:
-            self._idle = None
-
-    @contextmanager
-    def tensors(self, unit: int):
-        """The tensors of one unit (a layer or an LM head chunk), valid inside the block."""
-        buf = self.prefetcher.acquire(unit, self._idle)
+    def tensors(self, unit: int, waits: Waits | None = None):
+        """The tensors of one unit (a layer or an LM head chunk), valid inside the block;
+        while its bytes are not there, `waits.work` runs and `waits.waited_s` counts."""
+        if waits is None:
+            buf = self.prefetcher.acquire(unit)
+        else:
+            waited = self.prefetcher.stats.wait_s
+            buf = self.prefetcher.acquire(unit, waits.work)
+            waits.waited_s += self.prefetcher.stats.wait_s - waited
         try:
             self.bytes_used += self.manifests[unit].total_bytes
             yield tensors_from_buffer(buf, self.manifests[unit])
@@ -49,8 +43,8 @@ class StreamedLayers:
             self.prefetcher.release(unit)
 
     @contextmanager
-    def layer(self, i: int):
-        with self.tensors(i) as t:
+    def layer(self, i: int, waits: Waits | None = None):
+        with self.tensors(i, waits) as t:
             if self.rebuild:
                 yield self.rebuild.layer(i, t, self.exact)
             else:
@@ -59,13 +53,16 @@ class StreamedLayers:
 
 class Rebuild:
     """Layers streamed in residual form: each weight is rebuilt from its part of the staging
-    buffer and the layer's resident substitute into one reused buffer, just before its matmul
-    (a layer's linears run one after the other)."""
+    buffer and the layer's resident substitute. With exact numerics, where the fused kernel
+    runs (exact.rebuilds_in_linear), block by block inside the matmul; else whole, into one
+    reused buffer, just before its matmul (a layer's linears run one after the other)."""
 
-    def __init__(self, substitutes: dict[int, LayerWeights], largest: int):
+    def __init__(self, substitutes: dict[int, LayerWeights], largest: int, exact: bool):
         """`substitutes`: {layer: its substitute}; `largest`: the most weights of one linear."""
         self.substitutes = substitutes
-        self.buffer = torch.empty(largest, dtype=torch.bfloat16)  # [largest], reused
+        self.in_linear = exact and rebuilds_in_linear()
+        # [largest], reused: only where weights are rebuilt whole
+        self.buffer = None if self.in_linear else torch.empty(largest, dtype=torch.bfloat16)
 
     def layer(self, i: int, t: dict[str, torch.Tensor], exact: bool) -> LayerWeights:
         """LayerWeights over the tensors `t` of layer i in residual form (see weights.py)."""
@@ -76,6 +73,9 @@ class Rebuild:
     def _linear(self, t, name: str, substitute: QuantLinear, exact: bool):
         parts = {part: t[f"{name}.{part}"] for part in residual.PARTS}
         bias = t.get(f"{name}.bias")
+
+        if self.in_linear:
+            return lambda x: exact_residual_linear(x, parts, substitute, bias)
 
         def linear(x: torch.Tensor) -> torch.Tensor:
             weight = residual.decode(parts, substitute, self.buffer)  # [out, in] bf16
@@ -92,11 +92,14 @@ class StreamedHead:
         self.streamer, self.units = streamer, units
         self.out_dtype = torch.float32 if streamer.exact else None
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, H] -> logits [T, V], the vocabulary in the chunks' order."""
+    streams = True  # Model.logits hands it the pass's Waits
+
+    def __call__(self, h: torch.Tensor, waits: Waits | None = None) -> torch.Tensor:
+        """h [T, H] -> logits [T, V], the vocabulary in the chunks' order (`waits`: see
+        StreamedLayers.tensors)."""
         parts = []
         for unit in self.units:
-            with self.streamer.tensors(unit) as t:
+            with self.streamer.tensors(unit, waits) as t:
                 linear = dense(t["weight"], exact=self.streamer.exact, out_dtype=self.out_dtype)
                 parts.append(linear(h))  # [T, rows]
         return torch.cat(parts, dim=-1)

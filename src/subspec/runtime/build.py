@@ -228,7 +228,7 @@ class Builder:
             directory = residual_dir(self._substitutes_dir(), placement.buffer_bytes)
             drop_stale_residual_files(directory, substitutes)
             largest = max(o * i for o, i in m.linear_shapes.values())
-            rebuild = Rebuild(substitutes, largest)
+            rebuild = Rebuild(substitutes, largest, self.cfg.exact)
         head = {}
         if not placement.lm_head_resident:
             head = head_sources(self.head_rows, m, self.dtype, m.num_layers,

@@ -70,7 +70,7 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
         num_layers=m.num_layers,
         layer_bytes=nb.layer_nbytes(m, dt),
         staging_bytes=nb.residual_layer_nbytes(m, dt, spec.group_size) if residual else 0,
-        rebuild_bytes=max(o * i for o, i in m.linear_shapes.values()) * item if residual else 0,
+        rebuild_bytes=rebuild_bytes(cfg, m) if residual else 0,
         substitute_bytes=(
             nb.substitute_nbytes(m, spec.bits, spec.group_size, dt, device) if sub else 0
         ),
@@ -113,6 +113,16 @@ def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
         and nb.cpu_has_avx512_vbmi2()
         and nb.residual_layer_nbytes(m, cfg.dtype, spec.group_size) < nb.layer_nbytes(m, cfg.dtype)
     )  # fmt: skip
+
+
+def rebuild_bytes(cfg: RuntimeConfig, model_cfg: ModelConfig) -> int:
+    """The buffer a layer streamed in residual form rebuilds its largest weight into: none
+    with exact numerics off AMX CPUs, where the exact kernel rebuilds it block by block
+    (offload/streamed.Rebuild; exact.rebuilds_in_linear decides at load, and on an AMX CPU
+    whose tiles Linux refuses it finds the buffer counted but unneeded)."""
+    if cfg.exact and "amx_tile" not in nb.cpu_flags():
+        return 0
+    return max(o * i for o, i in model_cfg.linear_shapes.values()) * nb.itemsize(cfg.dtype)
 
 
 def resolve_context(cfg: RuntimeConfig, model_cfg: ModelConfig) -> RuntimeConfig:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from subspec.config import SamplingConfig, SpecConfig
 from subspec.model.forward import causal_mask
+from subspec.model.layers import Waits
 from subspec.model.placed import PlacedModel
 from subspec.speculative.lookahead import Lookahead
 from subspec.speculative.sampling import choose
 from subspec.speculative.shape import ShapeChooser, accepted_by_width
-from subspec.speculative.tree import TreeBuilder
+from subspec.speculative.slots import RoundSlots
+from subspec.speculative.tree import Tree, TreeBuilder
 from subspec.speculative.verify import walk
 
 
@@ -64,11 +65,6 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _waited(streamed) -> float:
-    """Seconds the streamed layers' prefetcher has blocked so far (0 when nothing streams)."""
-    return streamed.prefetcher.stats.wait_s if streamed is not None else 0.0
 
 
 @dataclass(frozen=True)
@@ -154,12 +150,13 @@ def speculative(
     pending = choose(logits, sampling, gen)
     drafter.prefill(prompt, chunk)
     stats.prefill_s = time.perf_counter() - t0
-    cache, device, streamed = target.cache, target.device, target.layers.streamer
+    cache, device = target.cache, target.device
     yield Batch([pending], logits[None])
     builder = None  # the next tree, when drafted ahead
     chooser = ShapeChooser(spec)
     while True:
         start = cache.length
+        slots = RoundSlots(start, spec.cache_slots, cache.capacity)
         t0 = _clock(device)
         if builder is None:
             shape = chooser.shape()
@@ -167,46 +164,54 @@ def speculative(
                                   drafter.step, device, base=start)  # fmt: skip
         else:
             stats.lookahead_hits += 1
+        slots.take(builder.size)  # the tree's, from `start`
         open_steps = builder.depth - builder.level
         while not builder.done:
             builder.step()
         drafted = builder.tree()
-        tree = drafted.prune(spec.verify_nodes) if spec.verify_nodes else drafted
+        tree = _verified(drafted, spec.verify_nodes, drafter, start)
         t1 = _clock(device)
         ahead = None
-        if spec.overlap and streamed is not None:
-            shape = chooser.shape()
-            ahead = Lookahead(drafted, start, spec, shape, drafter, device)
-        wait0 = _waited(streamed)
-        with streamed.while_waiting(ahead.work) if ahead else nullcontext():
-            hidden = target.forward(
-                tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
-                start + tree.size,
-            )  # fmt: skip
-            logits = target.logits(hidden)
+        if spec.overlap and target.layers.streams:
+            ahead = Lookahead(tree, slots, spec, chooser.shape(), drafter, device)
+        waits = Waits(ahead.work if ahead else None)
+        hidden = target.forward(
+            tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
+            start + tree.size, waits,
+        )  # fmt: skip
+        logits = target.logits(hidden, waits=waits)
         verdict = walk(tree, logits, sampling, gen)
         t2 = _clock(device)
-        wait_s = _waited(streamed) - wait0
         overlap_s, ahead_steps = (ahead.work_s, ahead.steps) if ahead else (0.0, 0)
         draft_s, verify_s = t1 - t0, t2 - t1 - overlap_s
         stats.add_round(draft_s, verify_s, overlap_s, verdict.accepted, builder.depth,
                         builder.width)  # fmt: skip
         stats.draft_steps += open_steps
         stats.lookahead_steps += ahead_steps
-        nodes = verdict.nodes  # [a] on device
-        drafted_path = tree.origin[nodes]
+        nodes = verdict.nodes  # [a] on device, in the verified tree
         chooser.observe_steps(builder.width, draft_s, open_steps)
         if ahead:
             chooser.observe_steps(ahead.rows, ahead.level_s, ahead_steps)
-        free_s = wait_s + overlap_s  # the pass's time not spent on the target's compute
+        free_s = waits.waited_s + overlap_s  # the pass's time not spent on the target's compute
+        drafted_path = tree.origin[nodes]  # the accepted nodes' indices as drafted
         chooser.observe_round(builder.depth, accepted_by_width(drafted_path, builder.width),
                               tree.size, verify_s + overlap_s, free_s)  # fmt: skip
         cache.advance(1)  # the root, verified at slot `start`
         cache.accept(nodes + start)
-        drafter.commit(torch.cat([drafted_path.new_zeros(1), drafted_path]) + start)
-        whole = verdict.accepted == builder.depth  # the tree accepted to its last level
-        builder = ahead.take(drafted_path.tolist(), verdict.bonus) if ahead else None
+        drafter.commit(torch.cat([nodes.new_zeros(1), nodes]) + start)
+        whole = verdict.accepted == tree.depth  # the tree accepted to its last level
+        builder = ahead.take(nodes.tolist(), verdict.bonus) if ahead else None
         if ahead:
             chooser.observe_lookahead(whole, builder is not None, free_s, ahead.rows)
         pending = verdict.bonus
         yield Batch(verdict.tokens, logits, nodes)
+
+
+def _verified(drafted: Tree, keep: int, drafter, start: int) -> Tree:
+    """The tree to verify: the drafted one, or its `keep` best nodes (0: all), whose draft KV
+    then moves to the slots they are verified at (start + their index), where the lookahead
+    and the drafter's commit find it."""
+    tree = drafted.prune(keep) if keep else drafted
+    if tree is not drafted:
+        drafter.relocate(start + tree.origin, start)
+    return tree

@@ -28,11 +28,12 @@ class Drafter(Protocol):
         """step() a part (a decoder layer or less) per next(); returns the logits."""
 
     def commit(self, src_slots: torch.Tensor) -> None:
-        """The round's root and the accepted nodes, drafted at `src_slots` ([n], increasing,
-        after the committed prefix), are now committed."""
+        """The round's root and the accepted nodes, whose draft KV is at `src_slots` ([n],
+        increasing, after the committed prefix), are now committed."""
 
     def relocate(self, src_slots: torch.Tensor, dst_start: int) -> None:
-        """Draft KV of a tree drafted ahead at `src_slots` moves to dst_start.. (uncommitted)."""
+        """Draft KV at `src_slots` ([n], increasing) moves to dst_start.. (uncommitted): a
+        tree drafted ahead, or the nodes a pruned tree keeps."""
 
 
 class _StepInParts:

@@ -27,6 +27,7 @@ import torch
 
 from subspec.config import SpecConfig
 from subspec.speculative.shape import Shape
+from subspec.speculative.slots import RoundSlots
 from subspec.speculative.tree import Tree, TreeBuilder, grow_together
 
 MIN_FILL = 0.5  # the share of a part a wait must be expected to fill to start one
@@ -35,17 +36,18 @@ MIN_FILL = 0.5  # the share of a part a wait must be expected to fill to start o
 class Lookahead:
     """The next round's tree, drafted ahead of the walk on guesses about its outcome."""
 
-    def __init__(self, drafted: Tree, start: int, spec: SpecConfig, shape: Shape, drafter,
+    def __init__(self, tree: Tree, slots: RoundSlots, spec: SpecConfig, shape: Shape, drafter,
                  device):  # fmt: skip
-        """`shape`: the next tree's; `drafter`: its step and step_parts draft the levels."""
-        self.drafted, self.start, self.spec, self.shape = drafted, start, spec, shape
-        self.drafter, self.device = drafter, device
-        self.scratch = start + drafted.size  # first slot after the tree as drafted
-        last = drafted.depths == drafted.depths.max()
-        scores = torch.where(last, drafted.scores, torch.full_like(drafted.scores, -torch.inf))
+        """`tree`: the one being verified, node j's draft KV at slot `slots.start + j`;
+        `slots`: the round's, the tree's already taken; `shape`: the next tree's; `drafter`:
+        its step and step_parts draft the levels."""
+        self.tree, self.start, self.slots = tree, slots.start, slots
+        self.spec, self.shape, self.drafter, self.device = spec, shape, drafter, device
+        last = tree.depths == tree.depth
+        scores = torch.where(last, tree.scores, torch.full_like(tree.scores, -torch.inf))
         n, self.room = self._guesses_and_room(int(last.sum()))
         self.leaves = scores.topk(n).indices  # [n] the ends of the best full-depth paths
-        self.paths = [drafted.ancestors[leaf].nonzero().flatten() for leaf in self.leaves]
+        self.paths = [tree.ancestors[leaf].nonzero().flatten() for leaf in self.leaves]
         self.builders: list[TreeBuilder] = []  # one per guess, once the leaves are re-fed
         self.guesses: list[int] = []  # the bonus token guessed after each leaf
         self._level: Generator | None = None  # the level being drafted, part by part
@@ -90,50 +92,52 @@ class Lookahead:
         """Re-feed the leaves at scratch slots (their own slots are being verified) to guess
         the bonus after each, and root a next tree on each guess after them."""
         s, n = self.start, len(self.leaves)
-        kv_len = self.scratch + n
+        scratch = self.slots.take(n)  # the leaves' copies
+        kv_len = scratch + n
         contexts = torch.zeros(n, kv_len, dtype=torch.bool, device=self.device)  # [n, kv_len]
         contexts[:, :s] = True  # the committed prefix
         for g, path in enumerate(self.paths):
             contexts[g, s + path[:-1]] = True  # the root and the path above the leaf
-            contexts[g, self.scratch + g] = True  # the leaf's copy
-        depth = int(self.drafted.depths[self.leaves[0]])  # every leaf is at full depth
+            contexts[g, scratch + g] = True  # the leaf's copy
+        depth = self.tree.depth  # every leaf's
         positions = torch.full((n,), s + depth, device=self.device)
-        slots = self.scratch + torch.arange(n, device=self.device)
+        slots = scratch + torch.arange(n, device=self.device)
         logits = yield from self.drafter.step_parts(
-            self.drafted.tokens[self.leaves], positions, slots, contexts, kv_len
+            self.tree.tokens[self.leaves], positions, slots, contexts, kv_len
         )  # [n, V]
         self.guesses = logits.argmax(-1).tolist()
-        base, spec = kv_len, self.spec
+        shape, spec = self.shape, self.spec
         for guess, context in zip(self.guesses, contexts, strict=True):
+            base = self.slots.take(1 + self.room * shape.width)  # the tree, deepened to its room
             b = TreeBuilder(
-                guess, self.shape.depth, self.shape.width, spec.draft_temperature,
-                self.drafter.step, self.device, base=base, pos0=s + depth + 1,
+                guess, shape.depth, shape.width, spec.draft_temperature, self.drafter.step,
+                self.device, base=base, pos0=s + depth + 1,
                 context=torch.cat([context, context.new_zeros(base - kv_len)]), room=self.room,
             )  # fmt: skip
             self.builders.append(b)
-            base += b.capacity
 
     def _guesses_and_room(self, leaves: int) -> tuple[int, int]:
         """How many guesses to draft ahead on, and how deep each tree may grow: once at the
         chosen depth, in waits that would otherwise idle, as deep as the KV cache allows when
         the depth is chosen per round. Fewer guesses when the slots after the current tree
-        cannot hold that many trees of the chosen depth."""
+        cannot hold that many trees of the chosen depth (the cache is sized for one:
+        SpecConfig.cache_slots, and the round's slots refuse a tree past it)."""
         spec, width = self.spec, self.shape.width
         if spec.depth is not None:
             most = self.shape.depth  # a fixed depth stays fixed
         else:  # no deeper, nor with more nodes, than a tree the chooser may pick
             most = min(spec.max_depth, (spec.tree_size - 1) // width)
-        free = spec.cache_slots - self.drafted.size  # slots after the current tree
+        free = self.slots.free  # slots after the current tree
         for n in range(min(spec.guesses, leaves), 1, -1):
             room = min(most, (free // n - 2) // width)  # a leaf copy and a tree per guess
             if room >= self.shape.depth:
                 return n, room
-        return 1, min(most, (free - 2) // width)
+        return 1, max(self.shape.depth, min(most, (free - 2) // width))
 
     def take(self, accepted: list[int], bonus: int) -> TreeBuilder | None:
         """The next tree's builder, its draft KV moved to the next round's slots, when the
-        walk accepted exactly a guessed path (`accepted`: drafted node indices, root
-        excluded) and drew the bonus guessed after it; else None."""
+        walk accepted exactly a guessed path (`accepted`: the verified tree's node indices,
+        root excluded) and drew the bonus guessed after it; else None."""
         if not self.builders:  # the pass ended before the leaves were re-fed
             return None
         for path, guess, b in zip(self.paths, self.guesses, self.builders, strict=True):

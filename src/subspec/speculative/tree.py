@@ -30,6 +30,11 @@ class Tree:
     def size(self) -> int:
         return self.tokens.numel()
 
+    @property
+    def depth(self) -> int:
+        """The deepest node's depth (parents come first, so it is the last node's)."""
+        return int(self.depths[-1])
+
     def positions(self, start: int) -> torch.Tensor:
         return start + self.depths
 
@@ -97,6 +102,11 @@ class TreeBuilder:
     def capacity(self) -> int:
         """The cache slots from `base` that its nodes may take, deepened to its room."""
         return self.tokens.numel()
+
+    @property
+    def size(self) -> int:
+        """The nodes of the tree drafted to its depth."""
+        return 1 + self.depth * self.width
 
     @property
     def done(self) -> bool:

@@ -36,42 +36,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "exact_linear.h"
 #include "sum16.h"
 
 #define LANES 16
 #define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline
 enum { MR = 4, NR = 4 };  // register tile: rows of x by rows of W
-#define BLOCK_BYTES (256 * 1024)  // rows of W kept hot in L2 while all of x passes over them
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // NaN
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-typedef struct {
-    const void *x;      // [T, K] bf16 (dpbf16 path) or fp32 (portable path)
-    const void *w;      // [N, K] bf16, or fp32 on the portable path when w_bf16 == 0
-    const float *bias;  // [N] or NULL
-    void *y;            // [T, N] bf16 when y_bf16, else fp32
-    int64_t t, n, k;
-    int w_bf16, y_bf16;
-} Linear;
-
-static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
-    if (j->bias) v += j->bias[n];
-    if (j->y_bf16) ((uint16_t *)j->y)[t * j->n + n] = f32_to_bf16(v);
-    else ((float *)j->y)[t * j->n + n] = v;
-}
-
 // One row of x against the NR rows of W held in w0..w3: four accumulators, 32 values.
 #define DP_ROW(row, a0, a1, a2, a3)                                            \
     do {                                                                       \
@@ -464,7 +434,12 @@ static int amx_linear(const Linear *job, int threads) {
     return 0;
 }
 
-enum { PATH_PORTABLE = 0, PATH_DPBF16 = 1, PATH_FMA = 2, PATH_AMX = 3 };
+// Rows [n0, n1) of W against every row of x on `path` (not amx): one thread's block.
+static void run_block(const Linear *job, int64_t n0, int64_t n1, int path) {
+    if (path == PATH_DPBF16) dp_block(job, n0, n1);
+    else if (path == PATH_FMA) fma_block(job, n0, n1);
+    else fp_block(job, n0, n1);
+}
 
 // y = x @ W^T + bias on `path`: amx and dpbf16 take x and W bf16, the others x fp32.
 // Returns 0, -1 on bad arguments (or a path this CPU lacks), -2 when out of memory.
@@ -483,11 +458,14 @@ int subspec_exact_linear(const void *x, const void *w, const float *bias, void *
     const int64_t blocks = (n + rows - 1) / rows;
     if (n * k * t < (1 << 18)) threads = 1;  // too small to share
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n1 = (b + 1) * rows < n ? (b + 1) * rows : n;
-        if (path == PATH_DPBF16) dp_block(&job, b * rows, n1);
-        else if (path == PATH_FMA) fma_block(&job, b * rows, n1);
-        else fp_block(&job, b * rows, n1);
-    }
+    for (int64_t b = 0; b < blocks; b++)
+        run_block(&job, b * rows, (b + 1) * rows < n ? (b + 1) * rows : n, path);
     return 0;
+}
+
+void exact_rows(const void *x, const uint16_t *rows, const float *bias, void *y, int64_t t,
+                int64_t n, int64_t k, int64_t n0, int64_t n1, int y_bf16, int path) {
+    const void *w = (const void *)((uintptr_t)rows - (uintptr_t)(n0 * k * 2));  // row 0's place
+    const Linear job = {x, w, bias, y, t, n, k, 1, y_bf16};
+    run_block(&job, n0, n1, path);
 }

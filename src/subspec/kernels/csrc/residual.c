@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "residual.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -183,33 +184,40 @@ static int has_avx512(void) { return 0; }
 
 int subspec_residual_simd(void) { return has_avx512(); }
 
-// Rebuilds weight[N, K] (bf16 bits) from the substitute's records and the residual form;
-// `simd` 0 forces the scalar path (tests compare the two). Returns 0, or 1 for bad shapes.
-// Rebuilds weight[N, K] from its residual form. `tile_escapes` ([N / 16 + 1]) must start at 0,
-// never decrease and end at most at `n_escapes`, and each tile must use exactly its own
-// escapes: a table or residual that disagrees (a corrupted file) returns 2, bad shapes 1.
-int subspec_residual_decode(const uint8_t *w, const int8_t *resid, const uint16_t *escapes,
-                            int64_t n_escapes, const int32_t *tile_escapes, uint16_t *weight,
-                            int64_t n, int64_t k, int64_t group, int simd, int threads) {
+int residual_check(int64_t n, int64_t k, int64_t group, int64_t n_escapes,
+                   const int32_t *tile_escapes) {
     if (n % TILE || group % 8 || k % group || n_escapes < 0) return 1;
     const int64_t tiles = n / TILE;
     if (tile_escapes[0] != 0 || tile_escapes[tiles] > n_escapes) return 2;
     for (int64_t t = 0; t < tiles; t++)
         if (tile_escapes[t + 1] < tile_escapes[t]) return 2;
+    return 0;
+}
+
+int residual_decode_tile(const uint8_t *w, const int8_t *resid, const uint16_t *escapes,
+                         const int32_t *tile_escapes, uint16_t *weight, int64_t t, int64_t k,
+                         int64_t group, int simd) {
+    const int8_t *r = resid + t * TILE * k;
+    uint16_t *e = (uint16_t *)escapes + tile_escapes[t];
+    const uint16_t *end = escapes + tile_escapes[t + 1];
+#if defined(__x86_64__)
+    if (simd) return decode_tile_avx512(w, r, e, end, weight, t, k, group);
+#endif
+    return tile_scalar(w, t, k, group, weight, (int8_t *)r, &e, end, 0) || e != end;
+}
+
+// Rebuilds weight[N, K] (bf16 bits) from the substitute's records and the residual form;
+// `simd` 0 forces the scalar path (tests compare the two). Returns 0, 1 for bad shapes, 2 for
+// a table or residual that disagrees (residual.h).
+int subspec_residual_decode(const uint8_t *w, const int8_t *resid, const uint16_t *escapes,
+                            int64_t n_escapes, const int32_t *tile_escapes, uint16_t *weight,
+                            int64_t n, int64_t k, int64_t group, int simd, int threads) {
+    const int checked = residual_check(n, k, group, n_escapes, tile_escapes);
+    if (checked) return checked;
     const int fast = simd && has_avx512();
     int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int8_t *r = resid + t * TILE * k;
-        uint16_t *e = (uint16_t *)escapes + tile_escapes[t];
-        const uint16_t *end = escapes + tile_escapes[t + 1];
-#if defined(__x86_64__)
-        if (fast) {
-            bad |= decode_tile_avx512(w, r, e, end, weight, t, k, group);
-            continue;
-        }
-#endif
-        bad |= tile_scalar(w, t, k, group, weight, (int8_t *)r, &e, end, 0) || e != end;
-    }
+    for (int64_t t = 0; t < n / TILE; t++)
+        bad |= residual_decode_tile(w, resid, escapes, tile_escapes, weight, t, k, group, fast);
     return bad ? 2 : 0;
 }
