@@ -108,21 +108,6 @@ def test_pruned_tree_greedy_identical(
         assert generate(engine, method, prompt)[0] == want
 
 
-def test_a_draft_head_over_part_of_the_vocabulary_changes_nothing(tiny_model_dir, reference):
-    """--draft-vocab: the low-bit draft head holds the first ids only, so the draft never
-    proposes the rest; the target still picks among all, and the output is vanilla's."""
-    spec = SpecConfig(depth=5, width=3, draft_temperature=0.5, draft_vocab=24)
-    budget = max(int(0.6 * make_engine(tiny_model_dir, ("vanilla",)).placement.resident_bytes),
-                 minimum_budget(tiny_model_dir, ("subspec",)))  # fmt: skip
-    engine = make_engine(tiny_model_dir, ("subspec",), budget, spec=spec)
-    head = engine.drafters["subspec"].lm_head
-    assert head.out_features == 24 < engine.model_cfg.vocab_size
-    for prompt, want in zip(PROMPTS, reference, strict=True):
-        tokens, _ = generate(engine, "subspec", prompt)
-        assert tokens == want
-    assert any(t >= 24 for want in reference for t in want)  # the target went past the draft's
-
-
 @pytest.mark.parametrize("method", ["subspec", "classic"])
 def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, method):
     """A draft equal to the target (no quantization; or the target as its own classic draft):

@@ -68,10 +68,6 @@ class SpecConfig:
     bits: int = 4  # 16: full-precision copies (a draft identical to the target, for tests)
     group_size: int = 64
     head_bits: int = 4  # the draft's LM head: a low-bit substitute, or 16 to share the target's
-    # a low-bit draft head over token ids below this only (0: the whole vocabulary): a draft
-    # step reads that many rows of it, and the draft proposes only those tokens (the target
-    # still verifies with its whole head, so the output is the same)
-    draft_vocab: int = 0
     hqq_optimize: bool = (
         True  # HQQ's half-quadratic solver; False = plain min-max rounding, ~20x faster
     )
@@ -92,14 +88,8 @@ class SpecConfig:
             raise SubspecError(f"draft temperature must be > 0, got {self.draft_temperature}")
         if self.bits not in (2, 3, 4, 8, 16):
             raise SubspecError(f"bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
-        if self.draft_vocab < 0:
-            raise SubspecError(f"draft vocabulary must be >= 0, got {self.draft_vocab}")
         if self.head_bits not in (4, 8, 16):
             raise SubspecError(f"draft head bits must be 4, 8 or 16, got {self.head_bits}")
-
-    def draft_head_rows(self, vocab_size: int) -> int:
-        """Rows of the low-bit draft head of a model with `vocab_size` tokens."""
-        return min(self.draft_vocab, vocab_size) if self.draft_vocab else vocab_size
 
     @property
     def tree_size(self) -> int:

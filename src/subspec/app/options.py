@@ -65,9 +65,6 @@ def model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--bits", type=int, default=SpecConfig.bits, help="substitute bit width")
     s.add_argument("--draft-head-bits", type=int, default=SpecConfig.head_bits,
                    help="bit width of the draft's LM head (16 = share the target's)")  # fmt: skip
-    s.add_argument("--draft-vocab", type=int, default=SpecConfig.draft_vocab,
-                   help="the low-bit draft head proposes only token ids below this (0 = all): "
-                   "a smaller read per draft step")  # fmt: skip
     s.add_argument("--no-hqq-optimize", action="store_true",
                    help="min-max rounding instead of HQQ's solver (~20x faster)")  # fmt: skip
     s.add_argument("--no-overlap", action="store_true",
@@ -150,8 +147,7 @@ def spec_config(args) -> SpecConfig:
         sampling_width=args.sampling_width,
         draft_temperature=args.draft_temperature,
         verify_nodes=args.verify_nodes,
-        bits=args.bits, head_bits=args.draft_head_bits, draft_vocab=args.draft_vocab,
-        hqq_optimize=not args.no_hqq_optimize,
+        bits=args.bits, head_bits=args.draft_head_bits, hqq_optimize=not args.no_hqq_optimize,
         overlap=not args.no_overlap, guesses=args.guesses,
         residual_stream=not args.plain_stream,
     )  # fmt: skip

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 ALL_METHODS = (*METHODS, "hf")  # hf: transformers with accelerate's disk offload
 VARIANTS = (
     "no-overlap, plain-stream, exact, fast, depthN, widthN, depthauto, widthauto, guessesN, headN, "
-    "dtempX (the draft temperature), swidthN (the sampling width), dvocabN (the draft head's "
-    "vocabulary)"
+    "dtempX (the draft temperature), swidthN (the sampling width)"
 )
 
 
@@ -106,8 +105,6 @@ def _variant_override(option: str) -> dict:
         return {"sampling_width": int(m.group(1))}
     if m := re.fullmatch(r"dtemp(\d+(?:\.\d+)?)", option):
         return {"draft_temperature": float(m.group(1))}
-    if m := re.fullmatch(r"dvocab(\d+)", option):
-        return {"draft_vocab": int(m.group(1))}
     if m := re.fullmatch(r"head(\d+)", option):  # the draft LM head's bits (16: the target's)
         return {"draft_head_bits": int(m.group(1))}
     raise SubspecError(f"unknown method variant {option!r}; variants: {VARIANTS}")

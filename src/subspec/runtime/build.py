@@ -281,10 +281,8 @@ class Builder:
         spec, m = self.cfg.spec, self.model_cfg
         if spec.head_bits == 16:
             return None  # share the target's head
-        rows = spec.draft_head_rows(m.vocab_size)
-        vocab = f"-v{rows}" if rows < m.vocab_size else ""
-        path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}{vocab}.safetensors"
-        shape = (rows, m.hidden_size)
+        path = self.cache_dir / f"draft-head-{self._quant_tag(spec.head_bits)}.safetensors"
+        shape = (m.vocab_size, m.hidden_size)
         return load_draft_head(self.head_rows, shape, self.dtype, self.device, spec, path,
                                self.bars)  # fmt: skip
 

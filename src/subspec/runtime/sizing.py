@@ -62,8 +62,8 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
     draft_head = 0
     if sub and spec.head_bits != 16:
         draft_head = nb.quantized_nbytes(
-            spec.draft_head_rows(m.vocab_size), m.hidden_size, spec.head_bits, spec.group_size,
-            compute_dtype=dt, device=device,
+            m.vocab_size, m.hidden_size, spec.head_bits, spec.group_size, compute_dtype=dt,
+            device=device,
         )  # fmt: skip
     residual = residual_streams(cfg, m)
     return ModelSizes(
