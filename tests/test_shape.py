@@ -258,3 +258,18 @@ def test_a_pruned_tree_is_verified_and_drafted_ahead_from_its_own_slots():
     want = list(range(start)) + [start + 0, start + 1, start + 2] + [scratch]
     assert leaf_context.nonzero().flatten().tolist() == want
     assert ahead.take([1, 2, 3], ahead.guesses[0]) is ahead.builders[0]
+
+
+def test_the_pass_model_fits_a_part_per_pass_and_a_part_per_node():
+    """A pass's compute is a part per pass (the rebuild of the streamed weights) plus a part
+    per node: fitted once rounds of several sizes are seen, proportional to the size before."""
+    from subspec.speculative.shape import ShapeChooser
+
+    chooser = ShapeChooser(SpecConfig(max_depth=32, width=2))
+    chooser.observe_round(8, [8, 8], 33, 0.3 + 0.01 * 33 + 0.1, 0.1)
+    assert chooser._pass_model()(66) == pytest.approx(2 * (0.3 + 0.01 * 33))
+    for n in (17, 65):
+        chooser.observe_round(8, [8, 8], n, 0.3 + 0.01 * n + 0.1, 0.1)
+    model = chooser._pass_model()
+    assert model(129) == pytest.approx(0.3 + 0.01 * 129)
+    assert model(5) == pytest.approx(0.4 + 0.01 * (17 + 33 + 65) / 3)  # the mean pass

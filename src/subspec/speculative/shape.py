@@ -9,7 +9,8 @@ lower (`accepted_by_width`); a narrower round counts for a wider tree with its o
 acceptance, a lower bound. A round costs its draft steps in the open at width k (each width's
 mean step time, as measured) plus a verification pass: the pass's mean wall time (drafting
 ahead in its waits included) while its compute, grown with the tree's size, stays hidden
-behind the transfers it waited for. The steps in the open are D, less those drafted ahead in
+behind the transfers it waited for (a part per pass, the rebuild of the streamed weights, and
+a part per node, fitted over the rounds). The steps in the open are D, less those drafted ahead in
 the previous pass's waits when its guess came true (speculative/lookahead.py): that takes a round
 accepting its whole tree, S_k(D), and a guess being right then, as measured (the share of
 such rounds that found their next tree drafted ahead); a pass drafts ahead as many levels as
@@ -124,11 +125,15 @@ class ShapeChooser:
         return best
 
     def _pass_model(self):
-        """A verification pass's expected time as a function of the tree's node count."""
-        n_mean = sum(v[0] for v in self.verify) / len(self.verify)
+        """A verification pass's expected time as a function of the tree's node count: its
+        mean wall time, or its compute where that is longer. The compute is fitted as a part
+        per pass (the streamed weights' rebuild, inside the matmuls, whatever the tree) and a
+        part per node, by least squares over the rounds; proportional to the node count until
+        rounds of different sizes tell them apart."""
         v_mean = sum(v[1] for v in self.verify) / len(self.verify)
-        compute = max(v_mean - sum(v[2] for v in self.verify) / len(self.verify), 0.0)
-        return lambda tree_size: max(v_mean, compute * tree_size / n_mean)
+        fixed, per_node = _line([(n, max(pass_s - free_s, 0.0)) for n, pass_s, free_s
+                                 in self.verify])  # fmt: skip
+        return lambda tree_size: max(v_mean, fixed + per_node * tree_size)
 
     def _open_steps(self, survival: list[float], ahead_step: float):
         """The expected draft steps in the open of a depth-d tree, as a function of d: d, less
@@ -157,3 +162,18 @@ class ShapeChooser:
         while len(s) <= self.max_depth:
             s.append(s[-1] * rate)
         return s
+
+
+def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) >= 0 of y = a + b x fitted to `points` by least squares; through the origin
+    (a = 0) when the x do not vary or the fit would go below zero at either end."""
+    n = len(points)
+    x_mean = sum(x for x, _ in points) / n
+    y_mean = sum(y for _, y in points) / n
+    spread = sum((x - x_mean) ** 2 for x, _ in points)
+    if spread > 0:
+        b = sum((x - x_mean) * (y - y_mean) for x, y in points) / spread
+        a = y_mean - b * x_mean
+        if a >= 0 and b >= 0:
+            return a, b
+    return 0.0, y_mean / x_mean
