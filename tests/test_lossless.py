@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 from helpers import generate as generate_from
-from helpers import make_runtime, write_tiny_llama
+from helpers import make_runtime, write_tiny, write_tiny_llama
 from helpers import minimum_budget as minimum_budget_of
 
 from subspec.config import SamplingConfig, SpecConfig
@@ -106,6 +106,23 @@ def test_pruned_tree_greedy_identical(
     engine = make_engine(tiny_model_dir, (method,), budget, spec=spec, draft=tiny_draft_dir)
     for prompt, want in zip(PROMPTS, reference, strict=True):
         assert generate(engine, method, prompt)[0] == want
+
+
+def test_the_draft_runs_substitutes_of_the_resident_layers_too(tmp_path):
+    """On a CPU the draft reads 4-bit copies of every layer, the resident ones included (a
+    draft step costs its reads), and the output stays vanilla's. (Eight layers: with three,
+    the staging buffers cost what the layers would, and no budget keeps some of them.)"""
+    model_dir = write_tiny("llama", tmp_path, perturb=False, shape={"num_hidden_layers": 8})
+    vanilla = make_engine(model_dir, ("vanilla",))
+    engine = make_engine(model_dir, ("subspec",), int(0.9 * vanilla.placement.resident_bytes))
+    placement = engine.placement
+    assert placement.resident_layers and placement.streams and placement.substitutes_everywhere
+    draft = engine.drafters["subspec"].layers.resident  # {layer: the draft's LayerWeights}
+    target = engine.target.layers.resident
+    assert sorted(draft) == list(range(8))
+    assert all(draft[i] is not target[i] for i in placement.resident_layers)
+    for prompt in PROMPTS:
+        assert generate(engine, "subspec", prompt)[0] == generate(vanilla, "vanilla", prompt)[0]
 
 
 @pytest.mark.parametrize("method", ["subspec", "classic"])

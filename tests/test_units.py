@@ -234,6 +234,19 @@ SIZES = ModelSizes(num_layers=10, layer_bytes=100, substitute_bytes=30, embed_by
                    lm_head_bytes=200, norm_bytes=1, kv_bytes=50)  # fmt: skip
 
 
+def test_plan_with_substitutes_everywhere_counts_one_per_layer():
+    """A draft of substitutes for every layer: each resident layer costs its substitute too,
+    and nothing is substituted when nothing streams."""
+    from dataclasses import replace
+
+    everywhere = replace(SIZES, substitutes_everywhere=True)
+    p = plan(everywhere, 900)
+    assert p.streams and p.substitutes_everywhere and p.resident_bytes <= 900
+    assert p.breakdown["substitutes"] == 10 * 30
+    assert len(p.resident_layers) < len(plan(SIZES, 900).resident_layers)
+    assert plan(everywhere, None).breakdown["substitutes"] == 0
+
+
 def test_plan_everything_resident_without_budget():
     p = plan(SIZES, None)
     assert p.resident_layers == list(range(10)) and not p.streams

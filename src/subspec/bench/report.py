@@ -84,13 +84,16 @@ def _spec_figures(per_prompt: list[GenerationStats], runtime) -> dict:
 
 
 def draft_bytes_per_step(runtime) -> int:
-    """Weight bytes one draft step reads: the resident layers it shares, the substitutes and
-    its LM head (SubSpec), or the whole draft model (classic)."""
-    parts = runtime.placement.breakdown
+    """Weight bytes one draft step reads: the resident layers it shares (unless it has their
+    substitutes), the substitutes and its LM head (SubSpec), or the whole draft model
+    (classic)."""
+    placement = runtime.placement
+    parts = placement.breakdown
     if "classic" in runtime.drafters:
         return parts.get("extra", 0)
     head = parts.get("draft_lm_head") or parts.get("lm_head", 0)
-    return parts.get("resident_layers", 0) + parts.get("substitutes", 0) + head
+    shared = 0 if placement.substitutes_everywhere else parts.get("resident_layers", 0)
+    return shared + parts.get("substitutes", 0) + head
 
 
 def bound(runtime, vanilla: dict) -> dict | None:

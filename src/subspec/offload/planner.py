@@ -29,6 +29,9 @@ class ModelSizes:
     # layer's, layer_bytes) and the buffer a streamed weight is rebuilt in before its matmul
     staging_bytes: int = 0
     rebuild_bytes: int = 0
+    # the draft runs substitutes of the resident layers too, in place of the layers (a draft
+    # step on a CPU is bound by the bytes it reads: a bf16 layer is ~3.6 of its substitute)
+    substitutes_everywhere: bool = False
 
     @property
     def buffer_bytes(self) -> int:
@@ -49,6 +52,7 @@ class Placement:
     breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes in fast memory
     lm_head_resident: bool = True  # False: the LM head streams too, in vocabulary chunks
     residual_stream: bool = False  # the layers stream in residual form (kernels/residual.py)
+    substitutes_everywhere: bool = False  # every layer has a substitute, the resident ones too
 
     @property
     def resident_bytes(self) -> int:
@@ -107,6 +111,7 @@ def plan(sizes: ModelSizes, budget: int | None, n_buffers: int = 2) -> Placement
                 budget, layers[:resident], layers[resident:], tied and head, n_buffers,
                 sizes.buffer_bytes, parts, lm_head_resident=head,
                 residual_stream=bool(sizes.staging_bytes),
+                substitutes_everywhere=sizes.substitutes_everywhere,
             )  # fmt: skip
     parts = minimum_parts(sizes, n_buffers)
     minimum = sum(parts.values())
@@ -133,9 +138,10 @@ def _breakdown(
     sizes: ModelSizes, resident: int, n_buffers: int, embed: bool, head: bool
 ) -> dict[str, int]:
     streamed = sizes.num_layers - resident
+    substituted = sizes.num_layers if sizes.substitutes_everywhere and streamed else streamed
     return {
         "resident_layers": resident * sizes.layer_bytes,
-        "substitutes": streamed * sizes.substitute_bytes,
+        "substitutes": substituted * sizes.substitute_bytes,
         "draft_lm_head": sizes.draft_head_bytes if streamed else 0,
         "staging_buffers": n_buffers * sizes.buffer_bytes if streamed else 0,
         "rebuild_buffer": sizes.rebuild_bytes if streamed else 0,

@@ -223,6 +223,7 @@ class Builder:
             sources = layer_sources(self.ckpt, m, layers, self.dtype)
             directory, rebuild = self.cache_dir / "layers", None
         else:
+            substitutes = {i: substitutes[i] for i in layers}  # the streamed layers'
             sources = residual_sources(self.ckpt, m, layers, self.dtype, substitutes)
             # named by the staging buffer's size, which sets the LM head chunks' rows
             directory = residual_dir(self._substitutes_dir(), placement.buffer_bytes)
@@ -259,10 +260,14 @@ class Builder:
         return PinnedHostStore({u: functools.partial(packed, f) for u, f in units.items()})
 
     def _substitutes(self, placement: Placement) -> dict:
-        """{streamed layer: its low-bit substitute (LayerWeights)}, cached on disk."""
+        """{layer: its low-bit substitute (LayerWeights)}, cached on disk: of every layer
+        (placement.substitutes_everywhere) or of the streamed ones."""
+        layers = placement.streamed_layers
+        if placement.substitutes_everywhere:
+            layers = placement.resident_layers + layers
         return load_substitutes(
-            self.ckpt, self.model_cfg, placement.streamed_layers, self.dtype, self.device,
-            self.cfg.spec, self._substitutes_dir(), self.bars,
+            self.ckpt, self.model_cfg, layers, self.dtype, self.device, self.cfg.spec,
+            self._substitutes_dir(), self.bars,
         )  # fmt: skip
 
     def _substitutes_dir(self) -> Path:
@@ -270,8 +275,8 @@ class Builder:
 
     def _shared_drafter(self, target: PlacedModel, resident, substitutes: dict | None,
                         draft_head) -> SharedDrafter:  # fmt: skip
-        """SubSpec's draft: the resident layers shared, substitutes for the streamed ones, and
-        `draft_head` (None: the target's LM head)."""
+        """SubSpec's draft: substitutes where there are (the streamed layers, or every layer),
+        the resident layers shared elsewhere, and `draft_head` (None: the target's LM head)."""
         if not substitutes:
             return SharedDrafter(target, LayerSource(resident, self.model_cfg.num_layers))
         layers = LayerSource({**resident, **substitutes}, self.model_cfg.num_layers)

@@ -71,6 +71,8 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
         layer_bytes=nb.layer_nbytes(m, dt),
         staging_bytes=nb.residual_layer_nbytes(m, dt, spec.group_size) if residual else 0,
         rebuild_bytes=rebuild_bytes(cfg, m) if residual else 0,
+        # on a CPU a draft step is bound by its reads: 4-bit copies of the resident layers too
+        substitutes_everywhere=sub and spec.bits < 16 and nb.device_type(device) == "cpu",
         substitute_bytes=(
             nb.substitute_nbytes(m, spec.bits, spec.group_size, dt, device) if sub else 0
         ),
