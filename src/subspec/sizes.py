@@ -15,7 +15,12 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # group sizes torch's int4 kernels take
 BITPACK_SCRATCH_ELEMENTS = 1 << 24  # the bitpack matmul's dequantized block: 64 MiB in fp32
 WIDEN_SCRATCH_ELEMENTS = 1 << 23  # fp32 elements of the reused widening buffer at most (32 MiB)
-CPU_ALLOCATOR_SLACK = 32 << 20  # heap glibc keeps between forwards (runtime/sizing.py)
+# heap glibc keeps between forwards (runtime/sizing.py): its mmap threshold follows the
+# largest block freed, so later logits and scores come from a heap that fragments. On the 1.5B
+# at 1.78 GB generation peaked 17 MB past a plan with 32 MB here in a fresh process, 38 MB past
+# it in bench's second runtime of one process; a fixed 1 MiB threshold held it 40 MB lower but
+# cost 15% of the speed (a page fault for every page of every large block)
+CPU_ALLOCATOR_SLACK = 80 << 20
 CUDA_CONTEXT_BYTES = 512 << 20  # the CUDA context and kernel images, outside torch's allocator
 
 
@@ -166,7 +171,7 @@ def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device, logit_rows: i
     chunk's (activations and fp32 scores; logits of its last row only) and a round's (the same
     for `logit_rows` tree rows, with fp32 logits and softmax of every row). (On the 1.5B at
     1.78 GB generation held 80-165 MB beyond the planned parts with 4-1,900-token prompts;
-    this and CPU_ALLOCATOR_SLACK count 170 MB.)"""
+    this and CPU_ALLOCATOR_SLACK count 220 MB.)"""
     item = itemsize(dtype)
     per_row = (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
     per_row += cfg.num_heads * kv_len * 4  # the row's attention scores
