@@ -57,10 +57,11 @@ class SpecConfig:
     width: int | None = 2
     # the width of a request that samples (temperature > 0), where `width` is fixed. A sample
     # falls outside the draft's best two children about one level in five at T 0.7 (one in
-    # twenty greedy); width 3 held it more often (tau 5.34 against 4.75 in one bench run) but
-    # its wider pass cost about as much (4.11 against 4.05 tok/s) and its trees take more
-    # memory, so the default stays the width (BENCHMARKS.md)
-    sampling_width: int = 2
+    # twenty greedy); width 3 holds it more often (tau 5.34-5.40 against 4.66-4.75) and, since
+    # the rebuild runs inside the matmul, its wider pass costs less than that gains: 3-8%
+    # more tok/s in the two bench runs since (1.5% before), for ~7 MB more cache and
+    # working memory in the plan (BENCHMARKS.md)
+    sampling_width: int = 3
     max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
     max_width: int = 4  # the widest tree width=None may choose
     draft_temperature: float = 0.2
