@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from subspec.kernels import native
+from subspec.kernels import native, residual
 
 _VOID, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 TORCH_CHUNK = 4096  # rows of W the torch fallback converts to fp32 at a time
@@ -112,8 +112,6 @@ def rebuilds_in_linear() -> bool:
     """Whether exact_residual_linear runs here: the kernel library builds, the residual
     codec's AVX-512 path runs, and bf16 takes a path other than AMX's (whose bits the fused
     kernel does not compute)."""
-    from subspec.kernels import residual
-
     return _lib() is not None and residual.has_simd() and kernel_path(*(torch.bfloat16,) * 2) != AMX
 
 
@@ -122,8 +120,6 @@ def exact_residual_linear(x: torch.Tensor, parts: dict[str, torch.Tensor], sub, 
     residual form (`parts`, against the 4-bit substitute `sub`: kernels/residual.py), rebuilt
     block by block inside the kernel (csrc/residual_linear.c): bit for bit exact_linear over
     residual.decode's W, without W whole in memory. Where rebuilds_in_linear()."""
-    from subspec.kernels import residual
-
     n, k = sub.out_features, sub.in_features
     resid, escapes, tiles = residual.checked_parts(parts, n, k)
     rows = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [T, in]
