@@ -82,9 +82,9 @@ def test_memlimit_refuses_a_bad_size():
 def test_streamed_model_under_a_hard_limit(tiny_model_dir):
     """The tiny model streaming under a cgroup that charges the page cache: the same tokens
     as without the limit, no OOM kill."""
-    free = _generate(tiny_model_dir, "700kB", "--dtype", "float32", "--context", "256")
+    free = _generate(tiny_model_dir, "800kB", "--dtype", "float32", "--context", "256")
     limited = _generate(
-        tiny_model_dir, "700kB", "--dtype", "float32", "--context", "256", limit="1.5GB"
+        tiny_model_dir, "800kB", "--dtype", "float32", "--context", "256", limit="1.5GB"
     )
     assert free.returncode == 0 and limited.returncode == 0, limited.stderr
     assert "OOM kills 0" in limited.stderr
