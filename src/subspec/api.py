@@ -19,6 +19,7 @@ its requests for that reason).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -127,11 +128,13 @@ def load(model: str, memory_budget: str | int | None = None, **options) -> LLM:
     no_hqq_optimize, guesses, no_overlap, plain_stream, no_prefix_cache, draft_model, ...
     (`subspec generate --help`), with the same
     defaults; progress=False silences the progress bars. Raises SubspecError for bad input."""
-    from subspec.app.cli import build_parser
-    from subspec.app.options import check_args
+    from subspec.app.options import check_args, model_args, sampling_args
 
     progress = options.pop("progress", True)
-    args = build_parser().parse_args(["generate", "--model", str(model), "--prompt", ""])
+    parser = argparse.ArgumentParser(prog="subspec.load")  # `subspec generate`'s options
+    model_args(parser)
+    sampling_args(parser)
+    args = parser.parse_args(["--model", str(model)])
     unknown = sorted(k for k in options if not hasattr(args, k) or k in _NOT_OPTIONS)
     if unknown:
         raise SubspecError(f"unknown option(s) {', '.join(unknown)}; see subspec generate --help")
