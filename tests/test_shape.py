@@ -166,7 +166,7 @@ def test_lookahead_drafts_on_two_guesses_in_one_step_per_level():
     chosen depth, they do not deepen; where it cannot hold two, one guess is drafted."""
     from subspec.config import SpecConfig
 
-    ahead = _lookahead(SpecConfig(max_depth=5))
+    ahead = _lookahead(SpecConfig(max_depth=5, sampling_width=2))  # room for two trees of 3
     while ahead.work():
         pass
     assert ahead.drafter.rows[-4:] == [2, 2 * 1, 2 * 2, 2 * 2]  # leaves, then 3 levels
@@ -179,7 +179,8 @@ def test_lookahead_drafts_on_two_guesses_in_one_step_per_level():
     taken = ahead.take(second[1:].tolist(), ahead.guesses[1])
     assert taken is ahead.builders[1] and taken.tree().tokens[0] == ahead.guesses[1]
 
-    assert len(_lookahead(SpecConfig(max_depth=3)).leaves) == 1  # no room for two trees
+    no_room = SpecConfig(max_depth=3, sampling_width=2)
+    assert len(_lookahead(no_room).leaves) == 1  # no room for two trees
 
 
 def test_shape_chooser_counts_the_levels_drafted_ahead():
