@@ -183,6 +183,22 @@ def test_rebuilding_inside_the_exact_linear_gives_its_bits(out_f, in_f, bias, ro
         exact.exact_residual_linear(x, {**parts, "tile_escapes": parts["tile_escapes"] + 1}, sub)
 
 
+@pytest.mark.usefixtures("fused")
+def test_rebuilding_inside_the_fp32_paths_gives_their_bits(monkeypatch):
+    """On a CPU with the codec's AVX-512 but no AVX512_BF16 (Ice Lake) bf16 takes the fma
+    path, whose x is fp32: the fused kernel follows whichever path the CPU picks."""
+    if not exact.has_fma():
+        pytest.skip("no AVX2 + FMA here")
+    w = _weight(176, 2048, 6)
+    sub = quantize_linear(w, None, bits=4, group_size=64, optimize=False)
+    x = torch.randn(5, 2048, generator=torch.Generator().manual_seed(6)).bfloat16()
+    for path in (exact.FMA, exact.PORTABLE):
+        monkeypatch.setattr(exact, "kernel_path", lambda *dtypes, path=path: path)
+        want = exact._native_linear(x, w, None, torch.bfloat16, path)
+        got = exact.exact_residual_linear(x, residual.encode(w, sub), sub)
+        assert torch.equal(_bits(got), _bits(want))
+
+
 @streams
 @pytest.mark.parametrize("share", [0.7, 0.0])
 def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):

@@ -122,14 +122,15 @@ def exact_residual_linear(x: torch.Tensor, parts: dict[str, torch.Tensor], sub, 
     residual.decode's W, without W whole in memory. Where rebuilds_in_linear()."""
     n, k = sub.out_features, sub.in_features
     resid, escapes, tiles = residual.checked_parts(parts, n, k)
-    rows = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [T, in]
+    path = kernel_path(torch.bfloat16, torch.bfloat16)  # dpbf16 takes x bf16, the others fp32
+    rows = x.reshape(-1, k).to(torch.bfloat16 if path == DPBF16 else torch.float32)
+    rows = rows.contiguous()  # [T, in]
     y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)  # [T, out]
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     rc = _lib().subspec_residual_exact_linear(
         sub.qdata.data_ptr(), resid.data_ptr(), escapes.data_ptr(), escapes.numel(),
         tiles.data_ptr(), rows.data_ptr(), native.ptr(bias), y.data_ptr(), rows.shape[0], n, k,
-        sub.group_size, 1, kernel_path(torch.bfloat16, torch.bfloat16), 1,
-        torch.get_num_threads(),
+        sub.group_size, 1, path, 1, torch.get_num_threads(),
     )  # fmt: skip
     residual.raise_for(rc, n, k)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
