@@ -40,6 +40,9 @@ static inline void store(const Linear *j, int64_t t, int64_t n, float v) {
     else ((float *)j->y)[t * j->n + n] = v;
 }
 
+int subspec_exact_dpbf16_supported(void);  // whether the CPU runs each path
+int subspec_exact_fma_supported(void);
+
 // Rows [n0, n1) of y = x @ W^T + bias (y [T, N]) on `path` (not amx), W's rows n0 .. n1 - 1
 // read from `rows` ([n1 - n0, K] bf16): the same bits as subspec_exact_linear's, which splits
 // W into such blocks over its threads.

@@ -6,6 +6,8 @@
 
 #include <stdint.h>
 
+int subspec_residual_simd(void);  // whether the CPU runs the AVX-512 decoder
+
 // 0 when W [N, K] in group `group` fits the codec and `tile_escapes` ([N / 16 + 1]) starts at
 // 0, never decreases and ends at most at `n_escapes`; 1 for bad shapes, 2 for a bad table (a
 // corrupted file).

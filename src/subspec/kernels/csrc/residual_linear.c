@@ -27,14 +27,17 @@ static uint16_t *block_buffer(int64_t values) {
 
 // y[T, N] = x[T, K] @ W^T + bias, W [N, K] rebuilt from the substitute's records `w` and its
 // residual form (residual.c's arguments), on `path` (dpbf16: x bf16; fma, portable: x fp32;
-// not amx). `simd`: residual.c's AVX-512 decoder (the CPU has it). Returns 0, -1 for a path
-// not taken here, -2 when out of memory, 1 for bad shapes, 2 for a residual form that
+// not amx). `simd`: residual.c's AVX-512 decoder. Returns 0, -1 for a path or decoder this
+// CPU lacks (or amx), -2 when out of memory, 1 for bad shapes, 2 for a residual form that
 // disagrees with its table (a corrupted file: y is then not to be used).
 int subspec_residual_exact_linear(const uint8_t *w, const int8_t *resid, const uint16_t *escapes,
                                   int64_t n_escapes, const int32_t *tile_escapes, const void *x,
                                   const float *bias, void *y, int64_t t, int64_t n, int64_t k,
                                   int64_t group, int y_bf16, int path, int simd, int threads) {
     if (path != PATH_DPBF16 && path != PATH_FMA && path != PATH_PORTABLE) return -1;
+    if (path == PATH_DPBF16 && !subspec_exact_dpbf16_supported()) return -1;
+    if (path == PATH_FMA && !subspec_exact_fma_supported()) return -1;
+    if (simd && !subspec_residual_simd()) return -1;
     if (t < 1) return 1;
     const int checked = residual_check(n, k, group, n_escapes, tile_escapes);
     if (checked) return checked;
