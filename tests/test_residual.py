@@ -159,7 +159,7 @@ def test_a_corrupted_residual_form_is_refused_not_read_past(fast, request):
 def fused(simd_codec):
     """The exact linear that rebuilds its weight block by block (skipped on AMX machines)."""
     require_kernel(native.bf16_exact(), "bf16_exact")
-    if not exact.rebuilds_in_linear():
+    if not sizes.rebuilds_in_matmul(exact=True):
         pytest.skip("bf16 takes the AMX path here, which the fused kernel does not compute")
 
 
@@ -207,7 +207,7 @@ def test_greedy_and_sampled_tokens_equal_vanilla(model_dir, vanilla, share):
     runtime = make_runtime(model_dir, ("subspec",), budget, "bfloat16", SPEC)
     assert runtime.streaming.layers.rebuild is not None and runtime.placement.residual_stream
     rebuild = runtime.streaming.layers.rebuild  # rebuilt inside the matmul where it can be
-    assert (rebuild.buffer is None) == rebuild.in_linear == exact.rebuilds_in_linear()
+    assert (rebuild.buffer is None) == rebuild.in_linear == sizes.rebuilds_in_matmul(exact=True)
     for prompt in PROMPTS:
         want = generate(vanilla, "vanilla", prompt, 32)[0]
         assert generate(runtime, "subspec", prompt, 32)[0] == want

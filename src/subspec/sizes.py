@@ -70,6 +70,14 @@ def cpu_has_avx512_vbmi2() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2"} <= cpu_flags()
 
 
+def rebuilds_in_matmul(exact: bool) -> bool:
+    """Whether a weight streamed in residual form is rebuilt block by block inside the exact
+    matmul (exact.exact_residual_linear), with no whole-weight buffer: with exact numerics,
+    except on an AMX CPU, whose exact path computes other bits than the fused kernel's. The
+    plan (runtime/sizing.py) and the runtime (offload/streamed.Rebuild) both ask this."""
+    return exact and "amx_tile" not in cpu_flags()
+
+
 def widens(dtype, device) -> bool:
     """Whether dense weights of this dtype on this device go through layers.widened_linear."""
     cpu = device_type(device) == "cpu"

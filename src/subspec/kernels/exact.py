@@ -108,18 +108,13 @@ def exact_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def rebuilds_in_linear() -> bool:
-    """Whether exact_residual_linear runs here: the kernel library builds, the residual
-    codec's AVX-512 path runs, and bf16 takes a path other than AMX's (whose bits the fused
-    kernel does not compute)."""
-    return _lib() is not None and residual.has_simd() and kernel_path(*(torch.bfloat16,) * 2) != AMX
-
-
 def exact_residual_linear(x: torch.Tensor, parts: dict[str, torch.Tensor], sub, bias=None):
     """exact_linear(x, W, bias) for x [..., in] bf16 and a weight W [out, in] bf16 held in
     residual form (`parts`, against the 4-bit substitute `sub`: kernels/residual.py), rebuilt
     block by block inside the kernel (csrc/residual_linear.c): bit for bit exact_linear over
-    residual.decode's W, without W whole in memory. Where rebuilds_in_linear()."""
+    residual.decode's W, without W whole in memory (where sizes.rebuilds_in_matmul)."""
+    if _lib() is None:
+        raise RuntimeError(f"the exact kernel did not build: {native.build_error('bf16_exact')}")
     n, k = sub.out_features, sub.in_features
     resid, escapes, tiles = residual.checked_parts(parts, n, k)
     path = kernel_path(torch.bfloat16, torch.bfloat16)  # dpbf16 takes x bf16, the others fp32

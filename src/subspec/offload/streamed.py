@@ -7,12 +7,13 @@ from contextlib import contextmanager
 import torch
 
 from subspec.kernels import residual
-from subspec.kernels.exact import exact_residual_linear, rebuilds_in_linear
+from subspec.kernels.exact import exact_residual_linear
 from subspec.model.checkpoint import NORMS
 from subspec.model.layers import LINEAR_NAMES, LayerWeights, Waits, dense, dense_layer
 from subspec.offload.layer_file import tensors_from_buffer
 from subspec.offload.prefetch import Prefetcher
 from subspec.quant.linear import QuantLinear
+from subspec.sizes import rebuilds_in_matmul
 
 
 class StreamedLayers:
@@ -54,13 +55,13 @@ class StreamedLayers:
 class Rebuild:
     """Layers streamed in residual form: each weight is rebuilt from its part of the staging
     buffer and the layer's resident substitute. With exact numerics, where the fused kernel
-    runs (exact.rebuilds_in_linear), block by block inside the matmul; else whole, into one
+    runs (sizes.rebuilds_in_matmul), block by block inside the matmul; else whole, into one
     reused buffer, just before its matmul (a layer's linears run one after the other)."""
 
     def __init__(self, substitutes: dict[int, LayerWeights], largest: int, exact: bool):
         """`substitutes`: {layer: its substitute}; `largest`: the most weights of one linear."""
         self.substitutes = substitutes
-        self.in_linear = exact and rebuilds_in_linear()
+        self.in_linear = rebuilds_in_matmul(exact)
         # [largest], reused: only where weights are rebuilt whole
         self.buffer = None if self.in_linear else torch.empty(largest, dtype=torch.bfloat16)
 

@@ -119,10 +119,8 @@ def residual_streams(cfg: RuntimeConfig, model_cfg: ModelConfig) -> bool:
 
 def rebuild_bytes(cfg: RuntimeConfig, model_cfg: ModelConfig) -> int:
     """The buffer a layer streamed in residual form rebuilds its largest weight into: none
-    with exact numerics off AMX CPUs, where the exact kernel rebuilds it block by block
-    (offload/streamed.Rebuild; exact.rebuilds_in_linear decides at load, and on an AMX CPU
-    whose tiles Linux refuses it finds the buffer counted but unneeded)."""
-    if cfg.exact and "amx_tile" not in nb.cpu_flags():
+    where the exact kernel rebuilds it block by block (sizes.rebuilds_in_matmul)."""
+    if nb.rebuilds_in_matmul(cfg.exact):
         return 0
     return max(o * i for o, i in model_cfg.linear_shapes.values()) * nb.itemsize(cfg.dtype)
 
