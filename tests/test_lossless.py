@@ -139,6 +139,22 @@ def test_identical_draft_accepts_the_whole_main_path(tiny_model_dir, method):
     assert stats.spec.tau == 5.0
 
 
+def test_identical_draft_holds_every_sample(tiny_model_dir, reference):
+    """Sampling, a draft equal to the target proposes at each node the token that the target's
+    next draw will sample (speculative/proposals.py): every round accepts its whole tree, as
+    greedy does, and the tokens are vanilla's under the same seed. (Top-k keeps this random
+    model's near-flat distribution from putting candidates within the noise's fp16 rounding
+    of each other.)"""
+    spec = SpecConfig(depth=4, width=1, sampling_width=1, bits=16, head_bits=16)
+    engine = make_engine(tiny_model_dir, ("subspec",), spec=spec)
+    vanilla = make_engine(tiny_model_dir, ("vanilla",))
+    for seed in range(3):
+        sampling = SamplingConfig(temperature=1.0, top_p=0.95, top_k=8, seed=seed)
+        tokens, stats = generate(engine, "subspec", PROMPTS[0], 1 + 5 * 4, sampling)
+        assert stats.spec.accept_lengths == [4] * 4, seed
+        assert tokens == generate(vanilla, "vanilla", PROMPTS[0], 1 + 5 * 4, sampling)[0]
+
+
 def _bf16_pair(model_dir, numerics: str):
     vanilla = make_runtime(model_dir, ("vanilla",), None, "bfloat16", SPEC, numerics=numerics)
     full_bytes = vanilla.placement.resident_bytes

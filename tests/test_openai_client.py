@@ -145,7 +145,8 @@ def test_many_concurrent_streams_served_in_arrival_order():
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_runtime_at_once():
-    engine = FakeRuntime(reply=REPLY * 20, context=256, delay=0.05)  # ~3 s for the whole reply
+    # ~15 s for the whole reply: a loaded machine still notices the client leave long before
+    engine = FakeRuntime(reply=REPLY * 100, context=256, delay=0.05)
     with LiveServer(create_app(engine, "vanilla")) as server:
         c = client(server)
         stream = c.chat.completions.create(model="tiny-fake", messages=HELLO, stream=True)

@@ -99,6 +99,7 @@ class _NextTokenDrafter:
 def _lookahead(spec):
     """A Lookahead after a depth-3, width-2 tree rooted at token 3 in slot 4."""
     from subspec.speculative.lookahead import Lookahead
+    from subspec.speculative.proposals import Ranked
     from subspec.speculative.shape import Shape
     from subspec.speculative.slots import RoundSlots
     from subspec.speculative.tree import build_tree
@@ -108,7 +109,7 @@ def _lookahead(spec):
     drafter.rows.clear()
     slots = RoundSlots(4, spec.cache_slots, 4 + spec.cache_slots)
     slots.take(drafted.size)
-    return Lookahead(drafted, slots, spec, Shape(3, 2), drafter, "cpu")
+    return Lookahead(drafted, slots, spec, Shape(3, 2), Ranked(0.2), drafter, "cpu")
 
 
 def test_lookahead_drafts_in_parts_and_only_in_waits_it_can_fill():
@@ -236,6 +237,7 @@ def test_a_pruned_tree_is_verified_and_drafted_ahead_from_its_own_slots():
     from subspec.config import SpecConfig
     from subspec.speculative.decoding import _verified
     from subspec.speculative.lookahead import Lookahead
+    from subspec.speculative.proposals import Ranked
     from subspec.speculative.shape import Shape
     from subspec.speculative.slots import RoundSlots
     from subspec.speculative.tree import build_tree
@@ -250,7 +252,7 @@ def test_a_pruned_tree_is_verified_and_drafted_ahead_from_its_own_slots():
 
     slots = RoundSlots(start, spec.cache_slots, start + spec.cache_slots)
     slots.take(drafted.size)
-    ahead = Lookahead(tree, slots, spec, Shape(3, 2), drafter, "cpu")
+    ahead = Lookahead(tree, slots, spec, Shape(3, 2), Ranked(0.2), drafter, "cpu")
     drafter.masks.clear()
     while ahead.work():
         pass

@@ -55,13 +55,11 @@ class SpecConfig:
     # None: chosen with the depth. Fixed at 2 by default: on the 1.5B at 1.78 GB, width auto
     # ran at 4.58 tok/s against 4.93 for width 2 in the latest bench run (BENCHMARKS.md)
     width: int | None = 2
-    # the width of a request that samples (temperature > 0), where `width` is fixed. A sample
-    # falls outside the draft's best two children about one level in five at T 0.7 (one in
-    # twenty greedy); width 3 holds it more often (tau 5.34-5.40 against 4.66-4.75) and, since
-    # the rebuild runs inside the matmul, its wider pass costs less than that gains: 3-8%
-    # more tok/s in the two bench runs since (1.5% before), for ~7 MB more cache and
-    # working memory in the plan (BENCHMARKS.md)
-    sampling_width: int = 3
+    # the width of a request that samples (temperature > 0), where `width` is fixed. Since
+    # the draft proposes the target's coming samples (speculative/proposals.py) a sampled
+    # tree holds them about as often as a greedy tree holds the argmax, and the greedy width
+    # serves it best (BENCHMARKS.md)
+    sampling_width: int = 2
     max_depth: int = 32  # the deepest tree depth=None may choose (it sizes the KV cache)
     max_width: int = 4  # the widest tree width=None may choose
     draft_temperature: float = 0.2
@@ -105,6 +103,13 @@ class SpecConfig:
         if sampling.greedy or self.width is None or self.width == self.sampling_width:
             return self
         return replace(self, width=self.sampling_width, sampling_width=self.width)
+
+    @property
+    def draws_ahead(self) -> int:
+        """The future draws whose noise a sampled request reads ahead (speculative/proposals.py):
+        its tree's, to the bonus after the deepest node, and the next tree's root guessed after
+        it; deeper levels of a tree drafted ahead propose without it."""
+        return (self.depth or self.max_depth) + 2
 
     @property
     def cache_slots(self) -> int:

@@ -171,22 +171,26 @@ def substitute_nbytes(cfg, bits: int, group_size: int, dtype, device="cpu") -> i
     return linears + extras * itemsize(dtype)
 
 
-def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device, logit_rows: int = 1) -> int:
+def workspace_nbytes(cfg, tokens: int, kv_len: int, dtype, device, logit_rows: int = 1,
+                     noise_rows: int = 0) -> int:  # fmt: skip
     """Fast memory a forward over up to `tokens` rows attending to `kv_len` slots needs beyond
     the weights and the cache. On a CUDA device: one layer's activations, fp32 attention scores
     and probabilities, K/V repeated per query head, fp32 logits and their softmax for every
     row, the bitpack matmul's block and the CUDA context. On a CPU, the larger of a prefill
     chunk's (activations and fp32 scores; logits of its last row only) and a round's (the same
-    for `logit_rows` tree rows, with fp32 logits and softmax of every row). (On the 1.5B at
+    for `logit_rows` tree rows, with fp32 logits and softmax of every row); and `noise_rows`
+    fp16 rows of a sampled request's future draws (speculative/proposals.py). (On the 1.5B at
     1.78 GB generation held 80-165 MB beyond the planned parts with 4-1,900-token prompts;
     this and CPU_ALLOCATOR_SLACK count 220 MB.)"""
     item = itemsize(dtype)
     per_row = (4 * cfg.hidden_size + cfg.qkv_out + 3 * cfg.intermediate_size) * item
     per_row += cfg.num_heads * kv_len * 4  # the row's attention scores
     logits = 2 * cfg.vocab_size * 4  # a row's fp32 logits and their softmax
+    noise = noise_rows * cfg.vocab_size * 2
     if device_type(device) != "cuda":
-        return max(tokens * per_row, logit_rows * (per_row + logits))
+        return max(tokens * per_row, logit_rows * (per_row + logits) + noise)
     repeated_kv = 2 * cfg.num_heads * kv_len * cfg.head_dim * item
     bitpack = BITPACK_SCRATCH_ELEMENTS * (4 + item)
     scores_again = cfg.num_heads * tokens * kv_len * 4  # the probabilities
-    return tokens * (per_row + logits) + scores_again + repeated_kv + bitpack + CUDA_CONTEXT_BYTES
+    return (tokens * (per_row + logits) + noise + scores_again + repeated_kv + bitpack
+            + CUDA_CONTEXT_BYTES)  # fmt: skip

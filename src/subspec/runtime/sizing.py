@@ -95,6 +95,7 @@ def model_sizes(cfg: RuntimeConfig, ckpt: Checkpoint, model_cfg: ModelConfig,
             dt,
             device,
             logit_rows=spec.tree_size if sub else 1,
+            noise_rows=spec.draws_ahead if sub else 0,
         ),
     )
 

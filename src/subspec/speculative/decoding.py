@@ -21,6 +21,7 @@ from subspec.model.forward import causal_mask
 from subspec.model.layers import Waits
 from subspec.model.placed import PlacedModel
 from subspec.speculative.lookahead import Lookahead
+from subspec.speculative.proposals import Coupled, Dice, Proposal, Ranked
 from subspec.speculative.sampling import choose
 from subspec.speculative.shape import ShapeChooser, accepted_by_width
 from subspec.speculative.slots import RoundSlots
@@ -154,14 +155,16 @@ def speculative(
     yield Batch([pending], logits[None])
     builder = None  # the next tree, when drafted ahead
     chooser = ShapeChooser(spec)
+    dice = None if sampling.greedy else Dice(gen, logits.shape[-1], device, spec.draws_ahead)
     while True:
         start = cache.length
         slots = RoundSlots(start, spec.cache_slots, cache.capacity)
         t0 = _clock(device)
+        propose = _proposal(spec, sampling, dice)
         if builder is None:
             shape = chooser.shape()
-            builder = TreeBuilder(pending, shape.depth, shape.width, spec.draft_temperature,
-                                  drafter.step, device, base=start)  # fmt: skip
+            builder = TreeBuilder(pending, shape.depth, shape.width, propose, drafter.step,
+                                  device, base=start)  # fmt: skip
         else:
             stats.lookahead_hits += 1
         slots.take(builder.size)  # the tree's, from `start`
@@ -173,14 +176,16 @@ def speculative(
         t1 = _clock(device)
         ahead = None
         if spec.overlap and target.layers.streams:
-            ahead = Lookahead(tree, slots, spec, chooser.shape(), drafter, device)
-        waits = Waits(ahead.work if ahead else None)
+            ahead = Lookahead(tree, slots, spec, chooser.shape(), propose, drafter, device)
+        waits = Waits(_in_waits(dice, ahead))
         hidden = target.forward(
             tree.tokens, tree.positions(start), tree.slots(start), tree.mask(start),
             start + tree.size, waits,
         )  # fmt: skip
         logits = target.logits(hidden, waits=waits)
         verdict = walk(tree, logits, sampling, gen)
+        if dice is not None:
+            dice.advance(len(verdict.tokens))
         t2 = _clock(device)
         overlap_s, ahead_steps = (ahead.work_s, ahead.steps) if ahead else (0.0, 0)
         draft_s, verify_s = t1 - t0, t2 - t1 - overlap_s
@@ -205,6 +210,26 @@ def speculative(
             chooser.observe_lookahead(whole, builder is not None, free_s, ahead.rows)
         pending = verdict.bonus
         yield Batch(verdict.tokens, logits, nodes)
+
+
+def _in_waits(dice: Dice | None, ahead: Lookahead | None):
+    """The work of a pass's waits for weights: reading the dice ahead (each row is drawn
+    once and read as the draws come), then drafting ahead."""
+
+    def work(expected_wait_s: float) -> bool:
+        if dice is not None and dice.read_ahead():
+            return True
+        return ahead is not None and ahead.work(expected_wait_s)
+
+    return work if dice is not None or ahead is not None else None
+
+
+def _proposal(spec: SpecConfig, sampling: SamplingConfig, dice: Dice | None) -> Proposal:
+    """What a round's tree proposes: the draft's best tokens greedy, else the tokens the
+    target's next draws will sample where the draft agrees with it (proposals.py)."""
+    if dice is None:
+        return Ranked(spec.draft_temperature)
+    return Coupled(dice, sampling, spec.draft_temperature, dice.first)
 
 
 def _verified(drafted: Tree, keep: int, drafter, start: int) -> Tree:

@@ -26,6 +26,7 @@ from collections.abc import Generator
 import torch
 
 from subspec.config import SpecConfig
+from subspec.speculative.proposals import Proposal
 from subspec.speculative.shape import Shape
 from subspec.speculative.slots import RoundSlots
 from subspec.speculative.tree import Tree, TreeBuilder, grow_together
@@ -36,12 +37,13 @@ MIN_FILL = 0.5  # the share of a part a wait must be expected to fill to start o
 class Lookahead:
     """The next round's tree, drafted ahead of the walk on guesses about its outcome."""
 
-    def __init__(self, tree: Tree, slots: RoundSlots, spec: SpecConfig, shape: Shape, drafter,
-                 device):  # fmt: skip
+    def __init__(self, tree: Tree, slots: RoundSlots, spec: SpecConfig, shape: Shape,
+                 propose: Proposal, drafter, device):  # fmt: skip
         """`tree`: the one being verified, node j's draft KV at slot `slots.start + j`;
-        `slots`: the round's, the tree's already taken; `shape`: the next tree's; `drafter`:
-        its step and step_parts draft the levels."""
-        self.tree, self.start, self.slots = tree, slots.start, slots
+        `slots`: the round's, the tree's already taken; `shape`: the next tree's; `propose`:
+        the tree's proposal (its guesses' and next trees' follow it); `drafter`: its step and
+        step_parts draft the levels."""
+        self.tree, self.start, self.slots, self.propose = tree, slots.start, slots, propose
         self.spec, self.shape, self.drafter, self.device = spec, shape, drafter, device
         last = tree.depths == tree.depth
         scores = torch.where(last, tree.scores, torch.full_like(tree.scores, -torch.inf))
@@ -105,12 +107,13 @@ class Lookahead:
         logits = yield from self.drafter.step_parts(
             self.tree.tokens[self.leaves], positions, slots, contexts, kv_len
         )  # [n, V]
-        self.guesses = logits.argmax(-1).tolist()
-        shape, spec = self.shape, self.spec
+        _, best = self.propose(logits, torch.full((n,), depth, device=self.device), 1)
+        self.guesses = best[:, 0].tolist()
+        shape, propose = self.shape, self.propose.after(depth + 1)
         for guess, context in zip(self.guesses, contexts, strict=True):
             base = self.slots.take(1 + self.room * shape.width)  # the tree, deepened to its room
             b = TreeBuilder(
-                guess, shape.depth, shape.width, spec.draft_temperature, self.drafter.step,
+                guess, shape.depth, shape.width, propose, self.drafter.step,
                 self.device, base=base, pos0=s + depth + 1,
                 context=torch.cat([context, context.new_zeros(base - kv_len)]), room=self.room,
             )  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from subspec.kernels import native
+from subspec.speculative.proposals import Proposal, Ranked
 
 
 @dataclass
@@ -72,17 +72,19 @@ class TreeBuilder:
     """Grows a tree by drafting level by level and keeping the global top-`width` paths; one
     `step()` drafts one level, so drafting can be interleaved with other work.
 
-    Path scores are cumulative log-probabilities of softmax(logits / temperature), in fp32.
+    Path scores are cumulative log-probabilities, in fp32, of each child being accepted as
+    `propose` scores it (speculative/proposals.py: the draft's best tokens greedy, the
+    target's coming samples when sampling).
     Node j is drafted at cache slot `base + j` with RoPE position `pos0 + depth[j]`; every
     node attends to the slots before `base` that `context` ([base] bool, None = all) marks,
     its ancestors and itself. `room` (default `depth`) is the depth `grow_together()` may
     take it to.
     """
 
-    def __init__(self, root: int, depth: int, width: int, temperature: float, step: DraftStep,
+    def __init__(self, root: int, depth: int, width: int, propose: Proposal, step: DraftStep,
                  device, base: int, pos0: int | None = None, context=None,
                  room: int | None = None):  # fmt: skip
-        self.depth, self.width, self.temperature, self.step_fn = depth, width, temperature, step
+        self.depth, self.width, self.propose, self.step_fn = depth, width, propose, step
         self.device, self.base = device, base
         self.pos0 = base if pos0 is None else pos0
         self.context = context  # [base] bool or None
@@ -145,11 +147,8 @@ class TreeBuilder:
     def add_level(self, logits: torch.Tensor) -> None:
         """Add the level that the frontier's draft logits [f, V] give."""
         n, w = self.n, self.width
-        # the global top-`width` paths are among each frontier node's top-`width` children;
-        # the log-softmax keeps each row's order, so only the chosen entries are normalised
-        top, child_tokens = logits.topk(w, dim=-1)  # [f, w]
-        log_total = native.scaled_logsumexp(logits, 1.0 / self.temperature)  # [f]
-        child_logp = top.float() / self.temperature - log_total[:, None]
+        # the global top-`width` paths are among each frontier node's top-`width` children
+        child_logp, child_tokens = self.propose(logits, self.depths[self.frontier], w)  # [f, w]
         cand = (self.scores[:, None] + child_logp).flatten()  # [f * w]
         self.scores, flat = torch.topk(cand, w)
         new = torch.arange(n, n + w, device=self.device)
@@ -195,7 +194,7 @@ def build_tree(
     root: int, start: int, depth: int, width: int, temperature: float, step: DraftStep, device
 ) -> Tree:
     """A whole tree of `depth` levels rooted at slot and position `start` (see TreeBuilder)."""
-    builder = TreeBuilder(root, depth, width, temperature, step, device, base=start)
+    builder = TreeBuilder(root, depth, width, Ranked(temperature), step, device, base=start)
     while not builder.done:
         builder.step()
     return builder.tree()
