@@ -1,6 +1,7 @@
 """What the draft proposes at a node: with the request's dice read ahead, the very token the
 target will sample wherever the draft agrees with it."""
 
+import pytest
 import torch
 
 from subspec.config import SamplingConfig
@@ -10,18 +11,22 @@ from subspec.speculative.sampling import choose
 VOCAB = 1000
 
 
-def _rows(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+def _rows(n: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def test_coupled_proposes_the_token_the_target_samples():
+@pytest.mark.parametrize(
+    "sampling, scale",
+    [(SamplingConfig(temperature=0.7, top_p=0.9, top_k=50, seed=3), 3.0),
+     (SamplingConfig(temperature=1.0, top_p=0.95, seed=4), 6.0)],  # a nucleus of < 64 tokens
+)  # fmt: skip
+def test_coupled_proposes_the_token_the_target_samples(sampling, scale):
     """Draft logits equal to the target's: the best coupled child is the token that
     torch.multinomial then draws, draw after draw, including draws nobody asked about."""
-    sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=50, seed=3)
     gen = torch.Generator().manual_seed(sampling.seed)
     dice = Dice(gen, VOCAB, "cpu", 4)
     held = 0
-    for t, logits in enumerate(_rows(150)):
+    for t, logits in enumerate(_rows(150, scale=scale)):
         propose = Coupled(dice, sampling, 0.2, dice.first)
         logp, children = propose(logits[None], torch.zeros(1, dtype=torch.long), 3)
         assert logp.shape == children.shape == (1, 3)

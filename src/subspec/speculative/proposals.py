@@ -20,8 +20,8 @@ import torch
 from subspec.config import SamplingConfig
 from subspec.kernels import native
 
-# the top-p nucleus of a sampled node's draft logits is looked for among its most probable tokens
-NUCLEUS_CANDIDATES = 64
+# a sampled node's kept tokens are looked for among its most probable, then more (Coupled)
+CANDIDATES = (64, 1024)
 
 
 class Proposal(Protocol):
@@ -66,13 +66,17 @@ class Dice:
         self.first = 0
         self.rows: list[torch.Tensor] = []  # draws first, first + 1, ...
 
-    def gumbel(self, draws: list[int]) -> torch.Tensor:
-        """[f, V] fp32: the noise of draws `draws` ([f] indices, none before `first`)."""
+    def gumbel(self, draws: list[int], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 noise of draws `draws` ([f] indices, none before `first`): [f, V], or at the
+        token ids `ids` [f, m] of each only ([f, m])."""
         offsets = [d - self.first for d in draws]
         while len(self.rows) <= min(max(offsets), self.ahead - 1):
             self.rows.append(self._draw())
         none = torch.zeros(self.vocab, dtype=torch.float16, device=self.device)
-        return torch.stack([self.rows[o] if o < self.ahead else none for o in offsets]).float()
+        rows = [self.rows[o] if o < self.ahead else none for o in offsets]
+        if ids is not None:
+            rows = [row[at] for row, at in zip(rows, ids, strict=True)]
+        return torch.stack(rows).float()
 
     def read_ahead(self) -> bool:
         """Draw one more of the `ahead` rows; False when they are all there."""
@@ -98,38 +102,57 @@ class Dice:
 class Coupled:
     """Children ranked by what the target will sample: the draft's logits processed as the
     target's are (temperature, top-k, top-p) plus the draw's Gumbel noise; scored by a softmax
-    of that at `temperature` in logit units (as Ranked scores the draft's own logits)."""
+    of that at `temperature` in logit units (as Ranked scores the draft's own logits).
+
+    A node's kept tokens are looked for among its CANDIDATES[0] most probable, then, where its
+    top-p nucleus reaches past them (a flatter distribution), among its CANDIDATES[1]; past
+    those too, all of them count as kept (no sort of the row: at worst it proposes a token the
+    target cannot draw, which costs acceptance, never output)."""
 
     def __init__(self, dice: Dice, sampling: SamplingConfig, temperature: float, first: int):
         self.dice, self.sampling, self.temperature = dice, sampling, temperature
         self.first = first  # the draw of the tree root's next token
 
     def __call__(self, logits, depths, count):
-        t = self.sampling.temperature
-        x = _processed(logits.float() / t, self.sampling)  # [f, V]
-        z = (x + self.dice.gumbel((self.first + depths).tolist())) * (t / self.temperature)
-        best, tokens = z.topk(count, dim=-1)  # [f, count]
-        return best - z.logsumexp(-1, keepdim=True), tokens
+        draws = self.first + depths  # [f]
+        logp, tokens, wide = self._children(logits, draws, count, CANDIDATES[0])
+        if bool(wide.any()):
+            rows = wide.nonzero().flatten()
+            logp[rows], tokens[rows], _ = self._children(logits[rows], draws[rows], count,
+                                                         CANDIDATES[1])  # fmt: skip
+        return logp, tokens
+
+    def _children(self, logits, draws, count, candidates):
+        """(log-probabilities [f, count], tokens [f, count], [f] bool: the row's nucleus
+        reaches past its `candidates` most probable tokens)."""
+        s, vocab = self.sampling, logits.shape[-1]
+        top_k = s.top_k if 0 < s.top_k < vocab else vocab
+        top, ids = logits.topk(min(top_k, candidates), dim=-1)  # [f, m] most probable first
+        x = top.float() / s.temperature
+        kept, wide = _nucleus(x, logits, s, top_k)  # [f, m], [f]
+        z = x + self.dice.gumbel(draws.tolist(), ids)
+        z = z.masked_fill(~kept, -torch.inf)  # [f, m]
+        scale = s.temperature / self.temperature
+        best, pos = z.topk(count, dim=-1)
+        logp = best * scale - torch.logsumexp(z * scale, -1, keepdim=True)
+        return logp, ids.gather(-1, pos), wide
 
     def after(self, levels: int) -> Coupled:
         return Coupled(self.dice, self.sampling, self.temperature, self.first + levels)
 
 
-def _processed(x: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """x [f, V] (logits / temperature) with -inf outside top-k and the top-p nucleus, as
-    sampling.target_probs keeps them. The nucleus is looked for among the NUCLEUS_CANDIDATES
-    largest; only where it reaches past them are the rows sorted whole."""
-    vocab = x.shape[-1]
-    if 0 < s.top_k < vocab:
-        x = x.masked_fill(x < x.topk(s.top_k, dim=-1).values[:, -1:], -torch.inf)
-    if s.top_p < 1.0:
-        log_total = x.logsumexp(-1, keepdim=True)  # [f, 1]
-        top = x.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1).values  # [f, m] largest first
-        p = (top - log_total).exp()
-        if bool((p.sum(-1) < s.top_p).any()):
-            top = x.sort(dim=-1, descending=True).values  # [f, V]
-            p = (top - log_total).exp()
-        inside = p.cumsum(-1) - p < s.top_p  # the mass before it is short of top-p
-        lowest = top.masked_fill(~inside, torch.inf).min(-1, keepdim=True).values  # [f, 1]
-        x = x.masked_fill(x < lowest, -torch.inf)
-    return x
+def _nucleus(x: torch.Tensor, logits: torch.Tensor, s: SamplingConfig, top_k: int):
+    """([f, m] bool: which of the candidates x [f, m] (logits / temperature of each row's m
+    most probable tokens, largest first) sampling.target_probs keeps, all of them where its
+    nucleus reaches past them; [f] bool: the rows where it does)."""
+    f, m = x.shape
+    if s.top_p >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool), torch.full((f,), top_k > m)
+    if top_k <= m:  # the nucleus of what top-k kept
+        log_total = torch.logsumexp(x, -1, keepdim=True)
+    else:
+        log_total = native.scaled_logsumexp(logits, 1.0 / s.temperature)[:, None]  # [f, 1]
+    p = (x - log_total).exp()  # [f, m]
+    wide = p.sum(-1) < s.top_p
+    kept = (p.cumsum(-1) - p < s.top_p) | wide[:, None]  # the mass before it is short of top-p
+    return kept, wide
