@@ -6,7 +6,10 @@ with the request's own next draws (a copy of its generator), and `E`, the expect
 length over fresh draws (the sum over the tree's nodes of the target's probability of
 sampling the path to it; greedy: the accepted length). E is the right measure of a tree that
 ignores the draws; a coupled tree (cp=1: proposals.Coupled, which reads them) is measured by
-`accepted`. The generation advances on the last policy's walk. A policy is
+`accepted`. The generation advances on the last policy's walk. The default budget, 4 GB,
+streams part of the 1.5B, so the draft is the one at 1.78 GB (4-bit substitutes of every
+layer and a 4-bit head) while the target's passes stream less (acceptance is what it
+measures, not time). A policy is
 w=WIDTH,s=LEVELS[,td=DRAFT_TEMPERATURE][,cp=1].
 
     python scripts/tree_quality.py --temperature 0.7 w=3,s=10 w=2,s=16,cp=1

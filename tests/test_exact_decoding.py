@@ -111,14 +111,16 @@ def test_bf16_classic_greedy_equals_vanilla(tiny_model_dir, tiny_draft_dir, exac
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_sampling_is_seed_exact_across_methods(tiny_model_dir, dtype):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sampling_is_seed_exact_across_methods(tiny_model_dir, dtype, shape):
     """The walk draws one sample per emitted token from the target's distribution, in
-    vanilla's order: with identical logits, the same seed gives the same tokens."""
+    vanilla's order: with identical logits, the same seed gives the same tokens, whatever the
+    tree's shape and whatever the draft proposed (it reads the draws' noise ahead)."""
     vanilla = make_runtime(tiny_model_dir, dtype=dtype)
     budget = max(
         vanilla.placement.resident_bytes // 2, _minimum(tiny_model_dir, ("subspec",), dtype)
     )
-    spec = make_runtime(tiny_model_dir, ("subspec",), budget, dtype, SHAPES[0])
+    spec = make_runtime(tiny_model_dir, ("subspec",), budget, dtype, shape)
     for seed in range(12):
         sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed)
         want = generate(vanilla, "vanilla", PROMPTS[1], 16, sampling)[0]
