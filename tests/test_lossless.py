@@ -155,6 +155,17 @@ def test_identical_draft_holds_every_sample(tiny_model_dir, reference):
         assert tokens == generate(vanilla, "vanilla", PROMPTS[0], 1 + 5 * 4, sampling)[0]
 
 
+def test_a_top_k_below_the_width_stays_seed_exact(tiny_model_dir):
+    """Top-k 1 or 2 under a width-3 tree: the draft proposes what top-k leaves (the other
+    children are never accepted), and the tokens are vanilla's under the same seed."""
+    engine = make_engine(tiny_model_dir, ("subspec",), spec=SpecConfig(depth=4, width=3))
+    vanilla = make_engine(tiny_model_dir, ("vanilla",))
+    for top_k in (1, 2):
+        sampling = SamplingConfig(temperature=0.8, top_k=top_k, seed=1)
+        want = generate(vanilla, "vanilla", PROMPTS[1], 12, sampling)[0]
+        assert generate(engine, "subspec", PROMPTS[1], 12, sampling)[0] == want
+
+
 def _bf16_pair(model_dir, numerics: str):
     vanilla = make_runtime(model_dir, ("vanilla",), None, "bfloat16", SPEC, numerics=numerics)
     full_bytes = vanilla.placement.resident_bytes

@@ -75,3 +75,13 @@ def test_dice_read_ahead_in_waits_gives_the_rows_drawn_on_demand():
     early.advance(1)
     assert early.read_ahead() and not early.read_ahead()
     assert torch.equal(early.gumbel([1, 2, 3]), late.gumbel([1, 2, 3]))
+
+
+def test_top_k_below_the_children_asked_for_pads_them_as_never_accepted():
+    sampling = SamplingConfig(temperature=0.8, top_k=2, seed=0)
+    dice = Dice(torch.Generator().manual_seed(0), VOCAB, "cpu", 4)
+    logits = _rows(2)
+    logp, children = Coupled(dice, sampling, 0.2, 0)(logits, torch.zeros(2, dtype=torch.long), 3)
+    assert logp.shape == children.shape == (2, 3)
+    assert bool(torch.isfinite(logp[:, :2]).all()) and bool(torch.isinf(logp[:, 2]).all())
+    assert set(children[:, :2].flatten().tolist()) <= set(logits.topk(2).indices.flatten().tolist())

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from subspec.config import SamplingConfig
 from subspec.kernels import native
@@ -132,6 +133,9 @@ class Coupled:
         kept, wide = _nucleus(x, logits, s, top_k)  # [f, m], [f]
         z = x + self.dice.gumbel(draws.tolist(), ids)
         z = z.masked_fill(~kept, -torch.inf)  # [f, m]
+        if count > z.shape[-1]:  # top-k keeps fewer tokens than children are asked for:
+            z = F.pad(z, (0, count - z.shape[-1]), value=-torch.inf)  # the rest can never be
+            ids = F.pad(ids, (0, count - ids.shape[-1]), value=0)  # accepted
         scale = s.temperature / self.temperature
         best, pos = z.topk(count, dim=-1)
         logp = best * scale - torch.logsumexp(z * scale, -1, keepdim=True)
