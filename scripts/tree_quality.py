@@ -33,12 +33,10 @@ from subspec.speculative.verify import walk
 
 
 def expected_accepted(tree, logits, sampling: SamplingConfig) -> float:
+    """The sum over the tree's nodes of the target's probability of sampling the path to it
+    (greedy: the accepted length, which the greedy walk draws nothing for)."""
     if sampling.greedy:
-        choice = logits.argmax(-1)
-        match = tree.tokens == choice[tree.parents.clamp(min=0)]
-        match[0] = True
-        ok = ~(tree.ancestors & ~match).any(1)
-        return float(tree.depths[ok].max())
+        return walk(tree, logits, sampling, None).accepted
     probs = target_probs(logits, sampling)  # [n, V]
     p = probs[tree.parents.clamp(min=0), tree.tokens]  # [n] chance of each edge
     p[0] = 1.0
@@ -93,7 +91,11 @@ def main() -> None:
         cache.trim(0)
         logits0 = prefill(target, ids, 512)
         pending = choose(logits0, sampling, gen)
-        dice = None if sampling.greedy else Dice(gen, logits0.shape[-1], device, 34)
+        dice = (
+            None
+            if sampling.greedy
+            else Dice(gen, logits0.shape[-1], device, SpecConfig().draws_ahead)
+        )
         emitted = 1
         while emitted < a.max_new_tokens:
             start = cache.length
@@ -115,7 +117,7 @@ def main() -> None:
                 t[0] += expected_accepted(tree, logits, sampling)
                 t[3] += walk(tree, logits, sampling, _copy(gen)).accepted
                 t[1] += tree.size
-                t[2] += int(tree.depths.max())
+                t[2] += tree.depth
             verdict = walk(tree, logits, sampling, gen)
             if dice is not None:
                 dice.advance(len(verdict.tokens))

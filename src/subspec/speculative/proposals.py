@@ -73,7 +73,8 @@ class Dice:
         offsets = [d - self.first for d in draws]
         while len(self.rows) <= min(max(offsets), self.ahead - 1):
             self.rows.append(self._draw())
-        none = torch.zeros(self.vocab, dtype=torch.float16, device=self.device)
+        if max(offsets) >= self.ahead:
+            none = torch.zeros(self.vocab, dtype=torch.float16, device=self.device)
         rows = [self.rows[o] if o < self.ahead else none for o in offsets]
         if ids is not None:
             rows = [row[at] for row, at in zip(rows, ids, strict=True)]
